@@ -1,0 +1,251 @@
+"""Generation: prompts through the chat template, chunked prefill and cached decoding (mlx-lm's
+loop, samplers and streaming detokenizer), stop on every EOS id, a context guard, and chat
+sessions that keep their KV cache between turns.
+
+    python -m mlx_gemma3n.generate --model google/gemma-3n-E2B-it --prompt "Write a haiku"
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+# The published generation config's sampling.
+DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 1.0, 64, 0.95
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit in the model's context."""
+
+
+@dataclass
+class SamplingOptions:
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    def sampler(self):
+        return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def logits_processors(self):
+        return make_logits_processors(repetition_penalty=self.repetition_penalty) if self.repetition_penalty else None
+
+
+def chat_messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` through the checkpoint's chat template, ready for the model's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("This checkpoint's tokenizer has no chat template: pass raw=True and format the prompt yourself.")
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def _context_guard(model, n_prompt: int, n_cached: int, max_tokens: int) -> int:
+    """Check the prompt fits; return how many tokens may still be generated."""
+    context = model.config.text.max_position_embeddings
+    used = n_cached + n_prompt
+    if used >= context:
+        raise PromptTooLong(
+            f"The prompt is {used} tokens (with {n_cached} already in this conversation) but the model's context "
+            f"is {context}: shorten it, or /reset the conversation."
+        )
+    return min(max_tokens, context - used)
+
+
+def stream_tokens(
+    model,
+    tokenizer,
+    prompt_tokens: list[int],
+    *,
+    max_tokens: int = 256,
+    sampling: SamplingOptions | None = None,
+    prompt_cache: list | None = None,
+    input_embeddings: mx.array | None = None,
+    prefill_step_size: int = 512,
+    prompt_progress_callback=None,
+) -> Iterator[GenerationResponse]:
+    """Stream mlx-lm `GenerationResponse`s for ready-made prompt token ids."""
+    sampling = sampling or SamplingOptions()
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    cached = prompt_cache[0].offset if prompt_cache else 0
+    max_tokens = _context_guard(model, len(prompt_tokens), cached, max_tokens)
+    kwargs = {}
+    if input_embeddings is not None:
+        kwargs["input_embeddings"] = input_embeddings
+    yield from _mlx_lm_stream_generate(
+        model,
+        tokenizer,
+        mx.array(prompt_tokens),
+        max_tokens=max_tokens,
+        sampler=sampling.sampler(),
+        logits_processors=sampling.logits_processors(),
+        prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size,
+        prompt_progress_callback=prompt_progress_callback,
+        **kwargs,
+    )
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | list[dict],
+    *,
+    max_tokens: int = 256,
+    system: str | None = None,
+    raw: bool = False,
+    sampling: SamplingOptions | None = None,
+    **options,
+) -> Iterator[GenerationResponse]:
+    """Stream the reply to `prompt` (a user message, or a list of chat messages). `raw=True` sends the
+    text as it is, without the chat template. Extra keyword arguments are `SamplingOptions` fields."""
+    sampling = sampling or SamplingOptions(**options)
+    if raw:
+        if not isinstance(prompt, str):
+            raise ValueError("raw=True takes the prompt as one string.")
+        tokens = tokenizer.encode(prompt)
+    else:
+        tokens = encode_chat(tokenizer, chat_messages(prompt, system))
+    yield from stream_tokens(model, tokenizer, tokens, max_tokens=max_tokens, sampling=sampling)
+
+
+def generate(model, tokenizer, prompt: str | list[dict], **kwargs) -> str:
+    """The whole reply to `prompt` as one string (see `stream_generate`)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+class ChatSession:
+    """A conversation whose KV cache outlives each turn: a new turn prefills only what is new."""
+
+    def __init__(self, model, tokenizer, system: str | None = None, sampling: SamplingOptions | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.system = system
+        self.sampling = sampling or SamplingOptions()
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = chat_messages([], self.system)
+        self.cache = self.model.make_cache()
+        self.cached_tokens: list[int] = []  # exactly the tokens whose keys/values the cache holds
+        self.last_prefill = 0
+
+    def _tokens_to_feed(self, tokens: list[int]) -> list[int]:
+        """The part of `tokens` the cache lacks, trimming (or dropping) a cache that diverged."""
+        common = 0
+        for a, b in zip(self.cached_tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # always feed at least one token to get logits
+        extra = len(self.cached_tokens) - common
+        if extra:
+            if can_trim_prompt_cache(self.cache):
+                trim_prompt_cache(self.cache, extra)
+            else:  # a sliding window that has wrapped cannot be rewound: start over
+                self.cache, common = self.model.make_cache(), 0
+        self.cached_tokens = tokens[:common]
+        return tokens[common:]
+
+    def send(self, content, max_tokens: int = 512) -> Iterator[GenerationResponse]:
+        """Add a user message and stream the reply. Stopping the iteration early (Ctrl-C) keeps the
+        partial reply in the history."""
+        self.messages.append({"role": "user", "content": content})
+        tokens = encode_chat(self.tokenizer, self.messages)
+        try:
+            new = self._tokens_to_feed(tokens)
+        except Exception:
+            self.messages.pop()
+            raise
+        self.last_prefill = len(new)
+        responses = stream_tokens(
+            self.model, self.tokenizer, new, max_tokens=max_tokens, sampling=self.sampling, prompt_cache=self.cache
+        )
+        try:
+            first = next(responses)  # the context guard speaks before anything is computed
+        except PromptTooLong:
+            self.messages.pop()
+            raise
+        reply, generated = [], []
+        try:
+            for response in itertools.chain([first], responses):
+                reply.append(response.text)
+                generated.append(response.token)
+                yield response
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
+            self.cached_tokens = (tokens + generated)[: self.cache[0].offset]
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temp", type=float, default=DEFAULT_TEMPERATURE, help="0 for greedy")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--system", default=None, help="system prompt")
+
+
+def sampling_from_args(args) -> SamplingOptions:
+    return SamplingOptions(args.temp, args.top_k, args.top_p, args.min_p, args.repetition_penalty, args.seed)
+
+
+def load_from_args(args):
+    from .loading import load
+
+    return load(args.model, dtype=getattr(mx, args.dtype))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.generate", description="Generate a reply from Gemma 3n.")
+    _add_sampling_args(parser)
+    parser.add_argument("--prompt", required=True, help="the user message ('-' reads standard input)")
+    parser.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
+    parser.add_argument("--verbose", action="store_true", help="print prompt and generation speed")
+    args = parser.parse_args(argv)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        model, tokenizer = load_from_args(args)
+        last = None
+        for last in stream_generate(
+            model, tokenizer, prompt, max_tokens=args.max_tokens, system=args.system, raw=args.raw,
+            sampling=sampling_from_args(args),
+        ):
+            print(last.text, end="", flush=True)
+        print()
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.verbose and last is not None:
+        print(
+            f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"
+            f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s\n"
+            f"peak memory: {last.peak_memory:.2f} GB",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

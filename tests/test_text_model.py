@@ -1,0 +1,159 @@
+"""The decoder equals transformers' Gemma 3n on tiny random checkpoints, through every entry path."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from mlx_gemma3n.loading import load_model
+
+TOL = 1e-3
+
+
+def worst(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def prompt_ids(n: int, seed: int = 0) -> np.ndarray:
+    """Text ids with a few vision and audio ids among them (their own embedders, PLE row 0)."""
+    ids = np.random.RandomState(seed).randint(0, 262_144, size=(1, n))
+    ids[0, 3], ids[0, 9], ids[0, 17] = 262_150, 262_300, 262_399
+    return ids
+
+
+@pytest.fixture(scope="module")
+def ours(tiny):
+    path, _ = tiny
+    model, _ = load_model(path, dtype=mx.float32)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return prompt_ids(40)  # five times the sliding window of 8
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny, ids):
+    _, reference = tiny
+    with torch.no_grad():
+        return reference(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+def test_full_forward_equals_reference(ours, ids, reference_logits):
+    logits = np.array(ours(mx.array(ids)))
+    assert worst(logits, reference_logits) <= TOL, f"worst |Δlogit| {worst(logits, reference_logits):.2e}"
+
+
+def test_cached_decoding_equals_full_forward_at_every_position(ours, ids, reference_logits):
+    cache = ours.make_cache()
+    steps = [np.array(ours(mx.array(ids[:, i : i + 1]), cache=cache))[:, 0] for i in range(ids.shape[1])]
+    diff = worst(np.stack(steps, axis=1), reference_logits)
+    assert diff <= TOL, f"worst |Δlogit| token by token: {diff:.2e}"
+
+
+def test_chunked_prefill_then_decode_equals_full_forward(ours, ids, reference_logits):
+    cache, outputs = ours.make_cache(), []
+    for start, stop in ((0, 5), (5, 19), (19, 20), (20, 33), (33, 40)):  # chunks below, at and over the window
+        outputs.append(np.array(ours(mx.array(ids[:, start:stop]), cache=cache)))
+    diff = worst(np.concatenate(outputs, axis=1), reference_logits)
+    assert diff <= TOL, f"worst |Δlogit| with uneven chunks: {diff:.2e}"
+
+
+def test_sliding_layers_keep_only_the_window_and_shared_layers_have_no_cache(ours, ids):
+    config = ours.config.text
+    cache = ours.make_cache()
+    for i in range(ids.shape[1]):
+        ours(mx.array(ids[:, i : i + 1]), cache=cache)
+    assert len(cache) == config.first_kv_shared_layer < config.num_hidden_layers
+    for kind, layer_cache in zip(config.layer_types, cache):
+        stored = layer_cache.keys_and_values()[0].shape[2]
+        assert stored == (config.sliding_window if kind == "sliding_attention" else ids.shape[1])
+
+
+def test_embeddings_input_is_scaled_like_ids(ours, ids):
+    """Giving the model its own embeddings (as multimodal prompts do) changes nothing."""
+    direct = np.array(ours(mx.array(ids)))
+    via_embeddings = np.array(ours(mx.array(ids), input_embeddings=ours.embed(mx.array(ids))))
+    assert worst(direct, via_embeddings) == 0.0
+
+
+def test_embeddings_without_ids_equal_reference(tiny, ours, ids):
+    """Without ids there is no token-identity half of the per-layer inputs, as in the reference."""
+    _, reference = tiny
+    with torch.no_grad():
+        embeds = reference.model.language_model.embed_tokens(torch.tensor(ids))
+        expected = reference.model.language_model(inputs_embeds=embeds).last_hidden_state.numpy()
+    hidden = np.array(ours.language_model(embeddings=mx.array(embeds.numpy())))
+    assert worst(hidden, expected) <= TOL, f"worst |Δhidden| {worst(hidden, expected):.2e}"
+
+
+def test_greedy_generation_equals_transformers(tiny, ours):
+    from mlx_gemma3n.generate import SamplingOptions, stream_tokens
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    path, reference = tiny
+    prompt = prompt_ids(20, seed=3)[0]
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.tensor(prompt[None]), max_new_tokens=30, do_sample=False, eos_token_id=[]
+        )[0, len(prompt):].tolist()
+    tokenizer = load_tokenizer(path, eos_token_ids=[])
+    got = [r.token for r in stream_tokens(ours, tokenizer, prompt.tolist(), max_tokens=30,
+                                          sampling=SamplingOptions(temperature=0.0), prefill_step_size=5)]
+    assert got == expected
+
+
+def _rewrite_config(src, dst, edit):
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+def test_transformers_4_53_config_dialect_loads_the_same_model(tiny, ours, ids, tmp_path):
+    def to_4_53(config):
+        text = config["text_config"]
+        rope = text.pop("rope_parameters")
+        text["rope_theta"] = rope["full_attention"]["rope_theta"]
+        text["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        text.update(query_pre_attn_scalar=text["head_dim"], rope_scaling=None, altup_lr_multiplier=1.0,
+                    torch_dtype="float32")
+        config["transformers_version"] = "4.53.0"
+
+    _rewrite_config(tiny[0], tmp_path / "old", to_4_53)
+    old, _ = load_model(tmp_path / "old", dtype=mx.float32)
+    assert old.config.text == ours.config.text
+    assert worst(old(mx.array(ids)), ours(mx.array(ids))) == 0.0
+
+
+def test_published_files_with_unused_shared_layer_kv_weights_load(tiny, ours, ids, tmp_path):
+    """Google's files carry k/v projections for the KV-shared layers; transformers 5 omits them."""
+    path = tmp_path / "published"
+    shutil.copytree(tiny[0], path)
+    file = next(path.glob("*.safetensors"))
+    tensors = load_file(file)
+    config = ours.config.text
+    rng = np.random.RandomState(0)
+    for i in range(config.first_kv_shared_layer, config.num_hidden_layers):
+        kv = config.num_key_value_heads * config.head_dim
+        prefix = f"model.language_model.layers.{i}.self_attn."
+        tensors[prefix + "k_proj.weight"] = rng.randn(kv, config.hidden_size).astype(np.float32)
+        tensors[prefix + "v_proj.weight"] = rng.randn(kv, config.hidden_size).astype(np.float32)
+        tensors[prefix + "k_norm.weight"] = rng.randn(config.head_dim).astype(np.float32)
+    save_file(tensors, file, metadata={"format": "pt"})
+    published, _ = load_model(path, dtype=mx.float32)
+    assert worst(published(mx.array(ids)), ours(mx.array(ids))) == 0.0
+
+
+def test_bfloat16_is_the_default_and_stays_close(tiny, ids, reference_logits):
+    model, _ = load_model(tiny[0])
+    assert model.language_model.embed_tokens.weight.dtype == mx.bfloat16
+    logits = np.array(model(mx.array(ids)).astype(mx.float32))
+    assert np.isfinite(logits).all()
+    # bf16 carries ~3 significant digits through 8 layers: loose, but catches a broken dtype path.
+    assert np.mean(np.argmax(logits, -1) == np.argmax(reference_logits, -1)) > 0.8
