@@ -33,7 +33,7 @@ _GENERIC_KEYS = frozenset(
     num_return_sequences output_scores prefix pruned_heads remove_invalid_values repetition_penalty
     return_dict_in_generate sep_token_id suppress_tokens task_specific_params temperature
     tf_legacy_loss tie_encoder_decoder tokenizer_class top_k top_p torchscript typical_p use_bfloat16
-    label_names num_classes num_labels attention_dropout gradient_clipping altup_lr_multiplier
+    label_names num_classes num_labels attention_dropout altup_lr_multiplier
     _attn_implementation_autoset
     """.split()
 )
@@ -179,6 +179,7 @@ class AudioConfig:
     input_feat_size: int = 128
     hidden_size: int = 1536
     rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10  # the reference clamps activations to this at inference too
     conf_attention_chunk_size: int = 12
     conf_attention_context_left: int = 13
     conf_attention_context_right: int = 0

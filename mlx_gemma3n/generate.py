@@ -133,7 +133,12 @@ def generate(model, tokenizer, prompt: str | list[dict], **kwargs) -> str:
 
 
 class ChatSession:
-    """A conversation whose KV cache outlives each turn: a new turn prefills only what is new."""
+    """A conversation whose KV cache outlives each turn: a new turn prefills only what is new.
+
+    The conversation is kept as the exact token ids the model saw and produced, so that the
+    cache stays valid (re-tokenizing a reply's text need not give back the same ids)."""
+
+    END_OF_TURN = "<end_of_turn>"  # closes a turn in Gemma's chat template
 
     def __init__(self, model, tokenizer, system: str | None = None, sampling: SamplingOptions | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -144,11 +149,22 @@ class ChatSession:
     def reset(self) -> None:
         self.messages: list[dict] = chat_messages([], self.system)
         self.cache = self.model.make_cache()
-        self.cached_tokens: list[int] = []  # exactly the tokens whose keys/values the cache holds
+        self.conversation: list[int] = []  # prompt and reply ids of every turn so far
+        self.cached_tokens: list[int] = []  # exactly the ids whose keys/values the cache holds
+        self.last_prompt: list[int] = []
         self.last_prefill = 0
 
+    def _prompt_for(self, content) -> list[int]:
+        if not self.conversation:  # first turn: the whole template, system prompt folded in
+            return encode_chat(self.tokenizer, self.messages)
+        turn = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        turn = turn.removeprefix(self.tokenizer.bos_token or "")
+        return self.conversation + self.tokenizer.encode(f"{self.END_OF_TURN}\n{turn}", add_special_tokens=False)
+
     def _tokens_to_feed(self, tokens: list[int]) -> list[int]:
-        """The part of `tokens` the cache lacks, trimming (or dropping) a cache that diverged."""
+        """The part of `tokens` the cache lacks, trimming (or dropping) a cache that went further."""
         common = 0
         for a, b in zip(self.cached_tokens, tokens):
             if a != b:
@@ -168,13 +184,9 @@ class ChatSession:
         """Add a user message and stream the reply. Stopping the iteration early (Ctrl-C) keeps the
         partial reply in the history."""
         self.messages.append({"role": "user", "content": content})
-        tokens = encode_chat(self.tokenizer, self.messages)
-        try:
-            new = self._tokens_to_feed(tokens)
-        except Exception:
-            self.messages.pop()
-            raise
-        self.last_prefill = len(new)
+        prompt = self._prompt_for(content)
+        new = self._tokens_to_feed(prompt)
+        self.last_prompt, self.last_prefill = prompt, len(new)
         responses = stream_tokens(
             self.model, self.tokenizer, new, max_tokens=max_tokens, sampling=self.sampling, prompt_cache=self.cache
         )
@@ -190,8 +202,15 @@ class ChatSession:
                 generated.append(response.token)
                 yield response
         finally:
+            if generated and generated[-1] in self.tokenizer.eos_token_ids:
+                generated.pop()
             self.messages.append({"role": "assistant", "content": "".join(reply)})
-            self.cached_tokens = (tokens + generated)[: self.cache[0].offset]
+            self.conversation = prompt + generated
+            offsets = {c.offset for c in self.cache}
+            if len(offsets) == 1:  # (prompt + the reply's ids, and possibly its end-of-turn id)
+                self.cached_tokens = (prompt + generated + [None])[: offsets.pop()]
+            else:  # interrupted halfway through the layers: the cache cannot be trusted
+                self.cache, self.cached_tokens = self.model.make_cache(), []
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
