@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .processing.audio import MAX_SAMPLES, SAMPLE_RATE, load_audio, log_mel_batch
+from .processing.image import preprocess_images
+from .processing.prompt import encode, expand_media, user_content
 
 # The published generation config's sampling.
 DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 1.0, 64, 0.95
@@ -43,18 +48,64 @@ class SamplingOptions:
         return make_logits_processors(repetition_penalty=self.repetition_penalty) if self.repetition_penalty else None
 
 
-def chat_messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+def chat_messages(prompt: str | list[dict], system: str | None = None, images=(), audio=()) -> list[dict]:
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": user_content(prompt, len(images), len(audio))}]
+    else:
+        messages = list(prompt)
     if system:
         messages.insert(0, {"role": "system", "content": system})
     return messages
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` through the checkpoint's chat template, ready for the model's turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("This checkpoint's tokenizer has no chat template: pass raw=True and format the prompt yourself.")
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+@dataclass
+class Media:
+    """A conversation's attachments as soft tokens in the text space, one row per placeholder token,
+    in the order their placeholders appear."""
+
+    image_rows: mx.array | None = None
+    audio_rows: mx.array | None = None
+
+    def add(self, model, images=(), audio=()) -> None:
+        if images:
+            rows = model.embed_image(mx.array(preprocess_images(images))).reshape(-1, model.config.text.hidden_size)
+            self.image_rows = rows if self.image_rows is None else mx.concatenate([self.image_rows, rows])
+        if audio:
+            features, valid = log_mel_batch(audio)
+            rows = model.embed_audio_features(mx.array(features), mx.array(~valid))
+            rows = rows.reshape(-1, model.config.text.hidden_size)
+            self.audio_rows = rows if self.audio_rows is None else mx.concatenate([self.audio_rows, rows])
+        mx.eval(self.image_rows, self.audio_rows)
+
+    def embeddings(self, model, tokens: list[int], start: int) -> mx.array | None:
+        """Embeddings of `tokens[start:]` with the soft tokens in place; None when it holds no attachment."""
+        config, new = model.config, tokens[start:]
+        picked = []
+        for token_id, rows in ((config.image_token_id, self.image_rows), (config.audio_token_id, self.audio_rows)):
+            count = sum(t == token_id for t in new)
+            if count and (rows is None or rows.shape[0] < tokens.count(token_id)):
+                raise ValueError("The prompt has more attachment placeholders than attachments were given.")
+            skip = sum(t == token_id for t in tokens[:start])
+            picked.append(rows[skip : skip + count] if count else None)
+        if all(p is None for p in picked):
+            return None
+        return model.embed(mx.array([new]), *picked)[0]
+
+
+def prepare_audio(clips) -> list[np.ndarray]:
+    """Clips as 16 kHz mono arrays of at most 30 s each (the reference encodes 30 s per clip):
+    longer recordings become several clips, never a cut one. A clip is a path, bytes, an
+    (array, sample_rate) pair, or an array already at 16 kHz."""
+    out = []
+    for clip in clips:
+        if isinstance(clip, tuple):
+            samples = load_audio(*clip)
+        elif isinstance(clip, np.ndarray):
+            samples = load_audio(clip, SAMPLE_RATE)
+        else:
+            samples = load_audio(clip)
+        out += [samples[i : i + MAX_SAMPLES] for i in range(0, max(len(samples), 1), MAX_SAMPLES)]
+    return out
 
 
 def _context_guard(model, n_prompt: int, n_cached: int, max_tokens: int) -> int:
@@ -109,22 +160,32 @@ def stream_generate(
     tokenizer,
     prompt: str | list[dict],
     *,
+    images=(),
+    audio=(),
     max_tokens: int = 256,
     system: str | None = None,
     raw: bool = False,
     sampling: SamplingOptions | None = None,
     **options,
 ) -> Iterator[GenerationResponse]:
-    """Stream the reply to `prompt` (a user message, or a list of chat messages). `raw=True` sends the
-    text as it is, without the chat template. Extra keyword arguments are `SamplingOptions` fields."""
+    """Stream the reply to `prompt` (a user message, or a list of chat messages), with `images`
+    (paths, URLs, bytes, PIL images, arrays) and `audio` (see `prepare_audio`) attached.
+    `raw=True` sends the text as it is, without the chat template. Extra keyword arguments
+    are `SamplingOptions` fields."""
     sampling = sampling or SamplingOptions(**options)
+    audio = prepare_audio(audio)
     if raw:
         if not isinstance(prompt, str):
             raise ValueError("raw=True takes the prompt as one string.")
-        tokens = tokenizer.encode(prompt)
+        tokens = tokenizer.encode(expand_media(prompt, tokenizer, model.config))
     else:
-        tokens = encode_chat(tokenizer, chat_messages(prompt, system))
-    yield from stream_tokens(model, tokenizer, tokens, max_tokens=max_tokens, sampling=sampling)
+        tokens = encode(tokenizer, model.config, chat_messages(prompt, system, images, audio))
+    media = Media()
+    media.add(model, images, audio)
+    yield from stream_tokens(
+        model, tokenizer, tokens, max_tokens=max_tokens, sampling=sampling,
+        input_embeddings=media.embeddings(model, tokens, 0),
+    )
 
 
 def generate(model, tokenizer, prompt: str | list[dict], **kwargs) -> str:
@@ -150,17 +211,19 @@ class ChatSession:
         self.messages: list[dict] = chat_messages([], self.system)
         self.cache = self.model.make_cache()
         self.conversation: list[int] = []  # prompt and reply ids of every turn so far
+        self.media = Media()  # soft tokens of every attachment so far
         self.cached_tokens: list[int] = []  # exactly the ids whose keys/values the cache holds
         self.last_prompt: list[int] = []
         self.last_prefill = 0
 
     def _prompt_for(self, content) -> list[int]:
+        config = self.model.config
         if not self.conversation:  # first turn: the whole template, system prompt folded in
-            return encode_chat(self.tokenizer, self.messages)
+            return encode(self.tokenizer, config, self.messages)
         turn = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
-        turn = turn.removeprefix(self.tokenizer.bos_token or "")
+        turn = expand_media(turn.removeprefix(self.tokenizer.bos_token or ""), self.tokenizer, config)
         return self.conversation + self.tokenizer.encode(f"{self.END_OF_TURN}\n{turn}", add_special_tokens=False)
 
     def _tokens_to_feed(self, tokens: list[int]) -> list[int]:
@@ -180,15 +243,19 @@ class ChatSession:
         self.cached_tokens = tokens[:common]
         return tokens[common:]
 
-    def send(self, content, max_tokens: int = 512) -> Iterator[GenerationResponse]:
-        """Add a user message and stream the reply. Stopping the iteration early (Ctrl-C) keeps the
-        partial reply in the history."""
+    def send(self, text: str, max_tokens: int = 512, images=(), audio=()) -> Iterator[GenerationResponse]:
+        """Add a user message (with attachments) and stream the reply. Stopping the iteration early
+        (Ctrl-C) keeps the partial reply in the history."""
+        audio = prepare_audio(audio)
+        self.media.add(self.model, images, audio)
+        content = user_content(text, len(images), len(audio))
         self.messages.append({"role": "user", "content": content})
         prompt = self._prompt_for(content)
-        new = self._tokens_to_feed(prompt)
-        self.last_prompt, self.last_prefill = prompt, len(new)
+        start = len(prompt) - len(self._tokens_to_feed(prompt))
+        self.last_prompt, self.last_prefill = prompt, len(prompt) - start
         responses = stream_tokens(
-            self.model, self.tokenizer, new, max_tokens=max_tokens, sampling=self.sampling, prompt_cache=self.cache
+            self.model, self.tokenizer, prompt[start:], max_tokens=max_tokens, sampling=self.sampling,
+            prompt_cache=self.cache, input_embeddings=self.media.embeddings(self.model, prompt, start),
         )
         try:
             first = next(responses)  # the context guard speaks before anything is computed

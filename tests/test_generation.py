@@ -12,7 +12,8 @@ import pexpect
 import pytest
 
 from mlx_gemma3n import load
-from mlx_gemma3n.generate import ChatSession, PromptTooLong, SamplingOptions, encode_chat, stream_generate, stream_tokens
+from mlx_gemma3n.generate import ChatSession, PromptTooLong, SamplingOptions, stream_generate, stream_tokens
+from mlx_gemma3n.processing.prompt import encode
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,8 @@ def loaded(tiny):
 
 
 def test_chat_template_makes_gemma_turns(loaded):
-    _, tokenizer = loaded
-    tokens = encode_chat(tokenizer, [{"role": "user", "content": "hello world"}])
+    model, tokenizer = loaded
+    tokens = encode(tokenizer, model.config, [{"role": "user", "content": "hello world"}])
     assert tokenizer.decode(tokens) == "<bos><start_of_turn>user\nhello world<end_of_turn>\n<start_of_turn>model\n"
     assert tokens[:2] == [2, 105]
 

@@ -1,0 +1,130 @@
+"""Write a random Gemma 3n checkpoint with the real tensor names, shapes and config of E2B or E4B,
+in Hugging Face's layout (config.json + sharded bf16 safetensors + index), streamed tensor by
+tensor so that a 10-15 GB checkpoint needs well under 1 GB of memory to write.
+
+    python benchmarks/random_checkpoint.py --size E2B --out /tmp/gemma3n-E2B-random
+
+Names and shapes come from transformers' own model, instantiated on the meta device (no memory).
+Values are small gaussians (norm scales near 1), enough for speed and memory measurements;
+the outputs mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARD_BYTES = 2 << 30
+E2B_LAYERS = 30
+
+
+def hf_config(size: str):
+    """The published E2B/E4B configs (E4B is transformers' default; E2B overrides it)."""
+    from transformers import Gemma3nAudioConfig, Gemma3nConfig, Gemma3nTextConfig, Gemma3nVisionConfig
+
+    text = {}
+    if size == "E2B":
+        text = dict(num_hidden_layers=E2B_LAYERS, intermediate_size=[8192] * E2B_LAYERS, num_kv_shared_layers=10)
+    elif size != "E4B":
+        raise SystemExit(f"Unknown size {size}: E2B or E4B.")
+    return Gemma3nConfig(
+        text_config=Gemma3nTextConfig(**text), vision_config=Gemma3nVisionConfig(),
+        audio_config=Gemma3nAudioConfig(), eos_token_id=[1, 106],
+    )
+
+
+def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    import torch
+    from transformers import Gemma3nForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Gemma3nForConditionalGeneration(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    shapes.pop("lm_head.weight", None)  # tied to embed_tokens; not in the published files
+    return shapes
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (round to nearest even)."""
+    bits = x.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def random_values(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    n = int(np.prod(shape))
+    if "norm" in name or name.endswith(("layer_scale.gamma", "per_dim_scale", "correct_output_scale")):
+        values = 1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)
+    else:
+        fan_in = shape[-1] if len(shape) > 1 else 1
+        values = rng.standard_normal(n, dtype=np.float32) * np.float32(min(0.02, fan_in**-0.5))
+    return values.reshape(shape)
+
+
+def write_checkpoint(out: Path, size: str, seed: int = 0, progress=print) -> Path:
+    config = hf_config(size)
+    shapes = tensor_shapes(config)
+    out.mkdir(parents=True, exist_ok=True)
+    shards, current, used = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(np.prod(shape))
+        if current and used + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    shards.append(current)
+
+    rng = np.random.default_rng(seed)
+    weight_map, start = {}, time.time()
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in names:
+            nbytes = 2 * int(np.prod(shapes[name]))
+            header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = file
+        head = json.dumps(header).encode()
+        head += b" " * (-len(head) % 8)
+        with open(out / file, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for name in names:
+                shape = shapes[name]
+                rows = max(1, (64 << 20) // max(1, int(np.prod(shape[1:])) * 4))  # ~64 MB at a time
+                if len(shape) > 1 and shape[0] > rows:
+                    for r in range(0, shape[0], rows):
+                        part = (min(rows, shape[0] - r), *shape[1:])
+                        f.write(_bf16_bits(random_values(name, part, rng)).tobytes())
+                else:
+                    f.write(_bf16_bits(random_values(name, shape, rng)).tobytes())
+        progress(f"  {file}: {len(names)} tensors, {offset / 1e9:.2f} GB ({time.time() - start:.0f} s)")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config_dict = config.to_dict()
+    config_dict["architectures"] = ["Gemma3nForConditionalGeneration"]
+    config_dict["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(config_dict, indent=1))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="E2B", choices=["E2B", "E4B"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if (args.out / "config.json").exists():
+        print(f"{args.out} already holds a checkpoint; leaving it.")
+        return 0
+    print(f"Writing a random {args.size} checkpoint to {args.out}")
+    write_checkpoint(args.out, args.size, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

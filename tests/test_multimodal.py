@@ -1,0 +1,70 @@
+"""Image and audio prompts through the whole model equal transformers' Gemma3nForConditionalGeneration."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_gemma3n.generate import Media, SamplingOptions, stream_generate, stream_tokens
+from mlx_gemma3n.loading import load
+from mlx_gemma3n.processing.audio import log_mel_batch
+from mlx_gemma3n.processing.prompt import encode, user_content
+
+TOL = 1e-3
+
+
+def worst(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    return load(tiny[0], dtype=mx.float32)
+
+
+def speech_like(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def test_audio_prompt_logits_equal_reference_including_a_padded_batch(tiny, loaded):
+    """Two clips of different lengths in one prompt: the shorter is padded inside the batch, and
+    both yield fewer soft tokens than the prompt reserves (filled as the reference fills them)."""
+    _, reference = tiny
+    model, tokenizer = loaded
+    clips = [speech_like(2.3, 0), speech_like(4.1, 1)]
+    tokens = encode(tokenizer, model.config, [{"role": "user", "content": user_content("what is this", audio=2)}])
+    features, valid = log_mel_batch(clips)
+    with torch.no_grad():
+        expected = reference(
+            input_ids=torch.tensor([tokens]), input_features=torch.tensor(features),
+            input_features_mask=torch.tensor(valid),
+        ).logits.numpy()
+    media = Media()
+    media.add(model, audio=clips)
+    logits = np.array(model(mx.array([tokens]), input_embeddings=media.embeddings(model, tokens, 0)[None]))
+    assert tokens.count(model.config.audio_token_id) == 2 * model.config.audio_soft_tokens_per_image
+    assert worst(logits, expected) <= TOL, f"worst |Δlogit| {worst(logits, expected):.2e}"
+
+
+def test_audio_prompt_generation_runs_with_cache(loaded):
+    model, tokenizer = loaded
+    replies = [r.token for r in stream_generate(model, tokenizer, "what is this", audio=[speech_like(1.0, 2)],
+                                                max_tokens=5, temperature=0.0)]
+    assert len(replies) == 5
+
+
+def test_long_audio_becomes_several_clips_not_a_cut_one(loaded):
+    model, tokenizer = loaded
+    from mlx_gemma3n.generate import prepare_audio
+
+    clips = prepare_audio([speech_like(65.0, 3)])
+    assert [len(c) for c in clips] == [480_000, 480_000, 80_000]
+
+
+def test_wrong_number_of_attachments_is_a_clear_error(loaded):
+    model, tokenizer = loaded
+    tokens = encode(tokenizer, model.config, [{"role": "user", "content": user_content("hi", audio=1)}])
+    with pytest.raises(ValueError, match="more attachment placeholders than attachments"):
+        Media().embeddings(model, tokens, 0)
