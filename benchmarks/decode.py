@@ -14,6 +14,7 @@ import argparse
 import gc
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -63,19 +64,19 @@ def main(argv=None) -> int:
     def mlx_lm_peer():
         from mlx_lm.utils import load_model
 
-        model, _ = load_model(__import__("pathlib").Path(args.model))
+        model, _ = load_model(Path(args.model))
         model.set_dtype(dtype)
         return model
 
     print(f"device: {mx.default_device()}, dtype {args.dtype}, prompt {args.prompt_tokens} tokens, "
           f"{args.gen_tokens} generated")
-    results = [run("mlx_gemma3n", ours, prompt, args.gen_tokens)]
-    if not args.skip_peer:
-        results.append(run("mlx-lm gemma3n", mlx_lm_peer, prompt, args.gen_tokens))
-    print(f"{'model':<16} {'load s':>8} {'1st token s':>12} {'decode tok/s':>13} {'peak GB':>8}")
-    for r in results:
+    print(f"{'model':<16} {'load s':>8} {'1st token s':>12} {'decode tok/s':>13} {'peak GB':>8}", flush=True)
+    results = []
+    for name, build in (("mlx_gemma3n", ours), ("mlx-lm gemma3n", mlx_lm_peer))[: 1 if args.skip_peer else 2]:
+        r = run(name, build, prompt, args.gen_tokens)
+        results.append(r)
         print(f"{r['name']:<16} {r['load_s']:>8.2f} {r['first_token_s']:>12.2f} {r['decode_tps']:>13.2f} "
-              f"{r['peak_gb']:>8.2f}")
+              f"{r['peak_gb']:>8.2f}", flush=True)
     if len(results) == 2:
         a, b = results
         same = sum(x == y for x, y in zip(a["tokens"], b["tokens"]))

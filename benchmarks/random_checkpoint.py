@@ -108,6 +108,11 @@ def write_checkpoint(out: Path, size: str, seed: int = 0, progress=print) -> Pat
     config_dict = config.to_dict()
     config_dict["architectures"] = ["Gemma3nForConditionalGeneration"]
     config_dict["dtype"] = "bfloat16"
+    # Google's published files use the transformers 4.53 dialect; so do we (and peers read only it).
+    text = config_dict["text_config"]
+    rope = text.pop("rope_parameters")
+    text.update(rope_theta=rope["full_attention"]["rope_theta"], rope_scaling=None,
+                rope_local_base_freq=rope["sliding_attention"]["rope_theta"], query_pre_attn_scalar=text["head_dim"])
     (out / "config.json").write_text(json.dumps(config_dict, indent=1))
     return out
 
