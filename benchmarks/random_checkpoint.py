@@ -47,6 +47,13 @@ def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
         model = Gemma3nForConditionalGeneration(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     shapes.pop("lm_head.weight", None)  # tied to embed_tokens; not in the published files
+    # Google's files also carry (unused) key/value weights for the KV-shared layers.
+    text = config.text_config
+    kv = text.num_key_value_heads * text.head_dim
+    for i in range(text.num_hidden_layers - text.num_kv_shared_layers, text.num_hidden_layers):
+        prefix = f"model.language_model.layers.{i}.self_attn."
+        shapes.update({prefix + "k_proj.weight": (kv, text.hidden_size), prefix + "v_proj.weight": (kv, text.hidden_size),
+                       prefix + "k_norm.weight": (text.head_dim,)})
     return shapes
 
 

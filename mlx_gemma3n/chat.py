@@ -14,6 +14,9 @@ import sys
 from .generate import ChatSession, _add_sampling_args, load_from_args, sampling_from_args
 
 HELP = """Commands:
+  /image PATH     attach an image (file or URL) to your next message
+  /video PATH     attach frames of a video, a GIF or a folder of frames (1 per second, at most 8)
+  /audio PATH     attach a recording (WAV, FLAC, OGG, MP3, ...) to your next message
   /help           this text
   /reset          forget the conversation
   /speed          show or hide tokens/s after each reply
@@ -24,19 +27,45 @@ Ctrl-C stops a reply; the conversation keeps what was said."""
 class Chat:
     def __init__(self, session: ChatSession, max_tokens: int, show_speed: bool = False, out=sys.stdout):
         self.session, self.max_tokens, self.show_speed, self.out = session, max_tokens, show_speed, out
+        self.images, self.audio = [], []  # attachments waiting for the next message
+
+    def attach(self, kind: str, path: str) -> None:
+        from .processing.audio import load_audio
+        from .processing.image import load_image
+        from .processing.video import load_video_frames
+
+        if not path:
+            self.say(f"Give a path: /{kind} PATH")
+            return
+        try:
+            if kind == "image":
+                self.images.append(load_image(path))
+            elif kind == "video":
+                frames = load_video_frames(path, fps=1.0, max_frames=8)
+                self.images += [image for _, image in frames]
+                self.say(f"[{len(frames)} frames at {', '.join(f'{t:.1f}' for t, _ in frames)} s]")
+            else:
+                self.audio.append(load_audio(path))
+        except ValueError as e:  # each processing error is one sentence for a person
+            self.say(f"error: {e}")
+            return
+        self.say(f"[attached {kind} {path}; it goes with your next message]")
 
     def say(self, text: str = "", end: str = "\n") -> None:
         print(text, end=end, file=self.out, flush=True)
 
     def command(self, line: str) -> bool:
         """Run a /command; False means leave."""
-        name, _, _ = line[1:].partition(" ")
+        name, _, argument = line[1:].partition(" ")
         if name in ("quit", "exit", "q"):
             return False
-        if name == "help":
+        if name in ("image", "video", "audio"):
+            self.attach(name, argument.strip())
+        elif name == "help":
             self.say(HELP)
         elif name == "reset":
             self.session.reset()
+            self.images, self.audio = [], []
             self.say("[conversation cleared]")
         elif name == "speed":
             self.show_speed = not self.show_speed
@@ -46,7 +75,9 @@ class Chat:
         return True
 
     def reply(self, text: str) -> None:
-        responses = self.session.send(text, max_tokens=self.max_tokens)
+        images, audio = self.images, self.audio
+        self.images, self.audio = [], []
+        responses = self.session.send(text, max_tokens=self.max_tokens, images=images, audio=audio)
         last = None
         try:
             for last in responses:

@@ -247,20 +247,25 @@ class ChatSession:
         """Add a user message (with attachments) and stream the reply. Stopping the iteration early
         (Ctrl-C) keeps the partial reply in the history."""
         audio = prepare_audio(audio)
-        self.media.add(self.model, images, audio)
+        before = (self.media.image_rows, self.media.audio_rows)
         content = user_content(text, len(images), len(audio))
         self.messages.append({"role": "user", "content": content})
-        prompt = self._prompt_for(content)
-        start = len(prompt) - len(self._tokens_to_feed(prompt))
-        self.last_prompt, self.last_prefill = prompt, len(prompt) - start
-        responses = stream_tokens(
-            self.model, self.tokenizer, prompt[start:], max_tokens=max_tokens, sampling=self.sampling,
-            prompt_cache=self.cache, input_embeddings=self.media.embeddings(self.model, prompt, start),
-        )
         try:
+            self.media.add(self.model, images, audio)
+            prompt = self._prompt_for(content)
+            start = len(prompt) - len(self._tokens_to_feed(prompt))
+            responses = stream_tokens(
+                self.model, self.tokenizer, prompt[start:], max_tokens=max_tokens, sampling=self.sampling,
+                prompt_cache=self.cache, input_embeddings=self.media.embeddings(self.model, prompt, start),
+            )
+            self.last_prompt, self.last_prefill = prompt, len(prompt) - start
             first = next(responses)  # the context guard speaks before anything is computed
-        except PromptTooLong:
+        except (PromptTooLong, ValueError):  # nothing went through the model: forget the turn
             self.messages.pop()
+            self.media.image_rows, self.media.audio_rows = before
+            raise
+        except BaseException:  # e.g. Ctrl-C during the prefill
+            self._settle(prompt, [], [])
             raise
         reply, generated = [], []
         try:
@@ -269,15 +274,19 @@ class ChatSession:
                 generated.append(response.token)
                 yield response
         finally:
-            if generated and generated[-1] in self.tokenizer.eos_token_ids:
-                generated.pop()
-            self.messages.append({"role": "assistant", "content": "".join(reply)})
-            self.conversation = prompt + generated
-            offsets = {c.offset for c in self.cache}
-            if len(offsets) == 1:  # (prompt + the reply's ids, and possibly its end-of-turn id)
-                self.cached_tokens = (prompt + generated + [None])[: offsets.pop()]
-            else:  # interrupted halfway through the layers: the cache cannot be trusted
-                self.cache, self.cached_tokens = self.model.make_cache(), []
+            self._settle(prompt, reply, generated)
+
+    def _settle(self, prompt: list[int], reply: list[str], generated: list[int]) -> None:
+        """Record the turn, and exactly which of its tokens the cache now holds."""
+        if generated and generated[-1] in self.tokenizer.eos_token_ids:
+            generated = generated[:-1]
+        self.messages.append({"role": "assistant", "content": "".join(reply)})
+        self.conversation = prompt + generated
+        offsets = {c.offset for c in self.cache}
+        if len(offsets) == 1:  # (prompt + the reply's ids, and possibly its end-of-turn id)
+            self.cached_tokens = (prompt + generated + [None])[: offsets.pop()]
+        else:  # interrupted halfway through the layers: the cache cannot be trusted
+            self.cache, self.cached_tokens = self.model.make_cache(), []
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
