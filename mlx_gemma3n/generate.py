@@ -193,6 +193,12 @@ def generate(model, tokenizer, prompt: str | list[dict], **kwargs) -> str:
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
+def describe(model, tokenizer, image, prompt: str = "Describe this image.", **kwargs) -> str:
+    """What the model says about one image (or a list of images, e.g. video frames)."""
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    return generate(model, tokenizer, prompt, images=images, **kwargs).strip()
+
+
 class ChatSession:
     """A conversation whose KV cache outlives each turn: a new turn prefills only what is new.
 
