@@ -124,7 +124,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         if "norm" in name:
             p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
         else:
-            fan_in = p.shape[-1] if p.ndim > 1 else 1
+            fan_in = p[0].numel() if p.ndim > 1 else 1  # inputs (x kernel) feeding one output
             p.copy_(torch.randn(p.shape, generator=g) * min(0.5, fan_in**-0.5))
 
 

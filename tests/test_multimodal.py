@@ -68,3 +68,50 @@ def test_wrong_number_of_attachments_is_a_clear_error(loaded):
     tokens = encode(tokenizer, model.config, [{"role": "user", "content": user_content("hi", audio=1)}])
     with pytest.raises(ValueError, match="more attachment placeholders than attachments"):
         Media().embeddings(model, tokens, 0)
+
+
+def gradient_image(seed: int):
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:300, 0:420]
+    rgb = np.stack([x * 255 // 420, y * 255 // 300, (x + y) * rng.uniform(0.1, 0.5) % 255], -1).astype(np.uint8)
+    image = Image.fromarray(rgb)
+    ImageDraw.Draw(image).text((20, 20), "Gemma 3n", fill=(255, 255, 255))
+    return image
+
+
+def test_image_prompt_logits_equal_reference(tiny, loaded):
+    """The image's soft tokens land at its placeholders before the per-layer inputs are computed."""
+    from mlx_gemma3n.processing.image import preprocess_images
+
+    _, reference = tiny
+    model, tokenizer = loaded
+    image = gradient_image(0)
+    tokens = encode(tokenizer, model.config, [{"role": "user", "content": user_content("what is this", images=1)}])
+    pixels = preprocess_images([image])
+    with torch.no_grad():
+        expected = reference(
+            input_ids=torch.tensor([tokens]), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2)
+        ).logits.numpy()
+    media = Media()
+    media.add(model, images=[image])
+    logits = np.array(model(mx.array([tokens]), input_embeddings=media.embeddings(model, tokens, 0)[None]))
+    assert tokens.count(model.config.image_token_id) == model.config.vision_soft_tokens_per_image
+    assert worst(logits, expected) <= TOL, f"worst |Δlogit| {worst(logits, expected):.2e}"
+
+
+def test_image_chat_turn_then_text_turn_reuses_the_cache(loaded):
+    from mlx_gemma3n.generate import ChatSession
+
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, sampling=SamplingOptions(temperature=0.0))
+    first = [r.token for r in session.send("describe", images=[gradient_image(1)], max_tokens=4)]
+    history = len(session.conversation)
+    second = [r.token for r in session.send("and the colours?", max_tokens=4)]
+    assert len(first) == 4 and len(second) == 4
+    assert session.last_prefill == len(session.last_prompt) - history
+    fresh = [r.token for r in stream_tokens(model, tokenizer, session.last_prompt, max_tokens=4,
+                                            sampling=SamplingOptions(temperature=0.0),
+                                            input_embeddings=session.media.embeddings(model, session.last_prompt, 0))]
+    assert second == fresh
