@@ -256,6 +256,7 @@ class ChatSession:
         before = (self.media.image_rows, self.media.audio_rows)
         content = user_content(text, len(images), len(audio))
         self.messages.append({"role": "user", "content": content})
+        responses = None
         try:
             self.media.add(self.model, images, audio)
             prompt = self._prompt_for(content)
@@ -266,12 +267,12 @@ class ChatSession:
             )
             self.last_prompt, self.last_prefill = prompt, len(prompt) - start
             first = next(responses)  # the context guard speaks before anything is computed
-        except (PromptTooLong, ValueError):  # nothing went through the model: forget the turn
-            self.messages.pop()
-            self.media.image_rows, self.media.audio_rows = before
-            raise
-        except BaseException:  # e.g. Ctrl-C during the prefill
-            self._settle(prompt, [], [])
+        except BaseException as e:
+            if responses is None or isinstance(e, PromptTooLong):  # nothing went through the model
+                self.messages.pop()
+                self.media.image_rows, self.media.audio_rows = before
+            else:  # e.g. Ctrl-C during the prefill
+                self._settle(prompt, [], [])
             raise
         reply, generated = [], []
         try:

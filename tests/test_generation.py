@@ -8,7 +8,9 @@ import sys
 import time
 
 import mlx.core as mx
+import numpy as np
 import pexpect
+import soundfile
 import pytest
 
 from mlx_gemma3n import load
@@ -124,7 +126,8 @@ def chatty(tiny, tmp_path_factory):
     return path
 
 
-def test_chat_cli_end_to_end_under_a_terminal(chatty):
+def test_chat_cli_end_to_end_under_a_terminal(chatty, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a picture")
     child = pexpect.spawn(
         sys.executable, ["-m", "mlx_gemma3n.chat", "--model", str(chatty), "--temp", "0", "--dtype", "float32"],
         env=_env(), encoding="utf-8", timeout=120,
@@ -145,11 +148,43 @@ def test_chat_cli_end_to_end_under_a_terminal(chatty):
             child.expect(r"\[stopped\]")
             child.expect(r"reply \d+ tokens at [\d.]+ tok/s")
             child.expect(">> ")
+        child.sendline(f"/image {tmp_path / 'notes.txt'}")  # a bad attachment: one line, the session goes on
+        child.expect(r"error: .*not an image")
+        child.expect(">> ")
         child.sendline("/reset")
         child.expect(r"\[conversation cleared\]")
         child.expect(">> ")
         child.sendline("/nonsense")
         child.expect("Unknown command /nonsense")
+        child.expect(">> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_cli_replies_to_an_image_and_audio(tiny, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    soundfile.write(tmp_path / "tone.wav", 0.3 * np.sin(np.arange(16_000) / 5).astype(np.float32), 16_000)
+    child = pexpect.spawn(
+        sys.executable, ["-m", "mlx_gemma3n.chat", "--model", str(tiny[0]), "--temp", "0", "--dtype", "float32",
+                         "--max-tokens", "3", "--speed"],
+        env=_env(), encoding="utf-8", timeout=240,
+    )
+    try:
+        child.expect(">> ")
+        child.sendline(f"/image {tmp_path / 'red.png'}")
+        child.expect(r"\[attached image")
+        child.expect(">> ")
+        child.sendline(f"/audio {tmp_path / 'tone.wav'}")
+        child.expect(r"\[attached audio")
+        child.expect(">> ")
+        child.sendline("what do you see and hear")
+        child.expect(r"\[prompt (\d+) tokens at .* reply \d+ tokens")
+        assert int(child.match.group(1)) > 256 + 188  # the image's and the clip's soft tokens were in the prompt
         child.expect(">> ")
         child.sendeof()
         child.expect(pexpect.EOF)
