@@ -65,7 +65,12 @@ def _bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def random_values(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     n = int(np.prod(shape))
-    if "norm" in name or name.endswith(("layer_scale.gamma", "per_dim_scale", "correct_output_scale")):
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        # q and k are RMS-normed and scores are not divided by sqrt(head_dim): with unit norm
+        # weights random scores have std 16 and attention is a hard argmax that any rounding
+        # flips. 0.35 gives std ~2, as a trained model's soft attention.
+        values = 0.35 + 0.05 * rng.standard_normal(n, dtype=np.float32)
+    elif "norm" in name or name.endswith(("layer_scale.gamma", "per_dim_scale", "correct_output_scale")):
         values = 1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)
     else:
         fan_in = shape[-1] if len(shape) > 1 else 1
