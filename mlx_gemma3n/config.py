@@ -236,7 +236,9 @@ class ModelConfig:
             )
         if d["model_type"] == "gemma3n_text":  # a text-only config
             return cls(text=TextConfig.from_dict(d), eos_token_ids=_ids(d.get("eos_token_id", 1)), raw=d)
-        known = {"text_config", "vision_config", "audio_config", "quantization", "quantization_config", *cls._TOKEN_FIELDS}
+        # mlx-vlm's conversions also embed a copy of generation_config.json.
+        known = {"text_config", "vision_config", "audio_config", "quantization", "quantization_config",
+                 "generation_config", *cls._TOKEN_FIELDS}
         _check_known("config.json", d, known)
         if "text_config" not in d:
             raise ConfigError("config.json has no text_config: it is not a complete Gemma 3n config.")

@@ -1,4 +1,7 @@
-"""`load(model)`: checkpoint -> (Gemma3n, tokenizer), towers left on disk until first needed."""
+"""`load(model)`: checkpoint -> (Gemma3n, tokenizer), with as little resident as possible:
+the Per-Layer Embedding table stays on disk (memory-mapped, rows gathered per step), the towers
+stay on disk until the first image or audio, and quantized checkpoints load as MLX quantized
+layers (ours, or mlx-vlm's conversions)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,19 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .model.gemma3n import Gemma3n
-from .weights import Checkpoint, CheckpointError, load_into
+from .ple import DEFAULT_CACHE_BYTES, PerLayerEmbeddings
+from .quantize import apply_quantization
+from .weights import PLE_NAME, Checkpoint, CheckpointError, load_into
+
+TOWERS = ("audio", "vision")
+
+
+def _load_part(module, weights, what: str, checkpoint: Checkpoint, dtype) -> None:
+    try:
+        apply_quantization(module, weights, what)
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint.path}: {e}") from None
+    load_into(module, weights, what, checkpoint.path, dtype)
 
 
 def _tower_builder(checkpoint: Checkpoint, dtype):
@@ -28,21 +43,61 @@ def _tower_builder(checkpoint: Checkpoint, dtype):
         weights = checkpoint.read(f"{kind}_tower.")
         if not weights:
             raise CheckpointError(f"{checkpoint.path} has no {kind} tower weights: this checkpoint is text-only.")
-        load_into(tower, module.sanitize(weights), f"{kind} tower", checkpoint.path, dtype)
+        _load_part(tower, module.sanitize(weights), f"{kind} tower", checkpoint, dtype)
         mx.eval(tower.parameters())
         return tower
 
+    load_tower.checkpoint = checkpoint  # what was read from it, e.g. `checkpoint.read_names`
     return load_tower
 
 
-def load_model(model: str | Path, dtype: mx.Dtype = mx.bfloat16) -> tuple[Gemma3n, Checkpoint]:
+def lazy_per_layer_embeddings(checkpoint: Checkpoint, dtype, cache_bytes: int = DEFAULT_CACHE_BYTES) -> PerLayerEmbeddings:
+    """The checkpoint's PLE table as a memory-mapped store (floating point or quantized)."""
+    text = checkpoint.config.text
+    names = checkpoint.names_for(PLE_NAME)
+    if "weight" not in names:
+        raise CheckpointError(f"{checkpoint.path} has no Per-Layer Embedding table ({PLE_NAME}.weight).")
+    where = {k: checkpoint.locations[v] for k, v in names.items()}
+    checkpoint.read_names.update(names.values())  # read, though only row by row
+    return PerLayerEmbeddings(
+        where["weight"], text.hidden_size_per_layer_input**0.5, text.vocab_size_per_layer_input,
+        text.num_hidden_layers * text.hidden_size_per_layer_input, dtype,
+        scales=where.get("scales"), biases=where.get("biases"), cache_bytes=cache_bytes,
+    )
+
+
+def load_model(
+    model: str | Path, dtype: mx.Dtype = mx.bfloat16, lazy_ple: bool = True
+) -> tuple[Gemma3n, Checkpoint]:
+    """The model (towers not loaded) and its checkpoint. With `lazy_ple` (the default) the
+    Per-Layer Embedding table is read row by row from disk instead of being loaded."""
     checkpoint = Checkpoint.open(model)
     net = Gemma3n(checkpoint.config)
+    skip = ()
+    if lazy_ple:
+        net.language_model.embed_tokens_per_layer = lazy_per_layer_embeddings(checkpoint, dtype)
+        skip = (PLE_NAME + ".",)
     for part in ("language_model", "embed_vision", "embed_audio"):
-        load_into(getattr(net, part), checkpoint.read(f"{part}."), part.replace("_", " "), checkpoint.path, dtype)
+        weights = checkpoint.read(f"{part}.", skip=skip if part == "language_model" else ())
+        _load_part(getattr(net, part), weights, part.replace("_", " "), checkpoint, dtype)
     mx.eval(net.parameters())
     net.load_tower = _tower_builder(checkpoint, dtype)
     return net, checkpoint
+
+
+def preload_towers(model: Gemma3n, kinds=TOWERS) -> None:
+    """Load the named towers now (e.g. before a latency-sensitive first image or audio)."""
+    for kind in (kinds,) if isinstance(kinds, str) else kinds:
+        model.tower(kind)
+
+
+def unload_towers(model: Gemma3n, kinds=TOWERS) -> None:
+    """Drop the named towers and give their memory back; they load again on next use."""
+    for kind in (kinds,) if isinstance(kinds, str) else kinds:
+        if kind not in TOWERS:
+            raise ValueError(f"Unknown tower {kind!r}: Gemma 3n has a 'vision' and an 'audio' tower.")
+        model.unload_tower(kind)
+    mx.clear_cache()
 
 
 def _eos_ids(checkpoint: Checkpoint) -> list[int]:
@@ -54,10 +109,15 @@ def _eos_ids(checkpoint: Checkpoint) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def load(model: str | Path, dtype: mx.Dtype = mx.bfloat16) -> tuple[Gemma3n, TokenizerWrapper]:
-    """Load a Gemma 3n checkpoint (directory or Hugging Face repo id) and its tokenizer."""
-    net, checkpoint = load_model(model, dtype)
+def load(
+    model: str | Path, dtype: mx.Dtype = mx.bfloat16, lazy_ple: bool = True, preload: tuple[str, ...] = ()
+) -> tuple[Gemma3n, TokenizerWrapper]:
+    """Load a Gemma 3n checkpoint (directory or Hugging Face repo id: original, converted by
+    `mlx_gemma3n.convert`, or an mlx-vlm conversion) and its tokenizer. Towers load on first
+    use unless named in `preload` ("audio", "vision")."""
+    net, checkpoint = load_model(model, dtype, lazy_ple)
     if not (checkpoint.path / "tokenizer.json").exists() and not (checkpoint.path / "tokenizer.model").exists():
         raise CheckpointError(f"{checkpoint.path} has no tokenizer.json or tokenizer.model: copy the tokenizer files in.")
     tokenizer = load_tokenizer(checkpoint.path, eos_token_ids=_eos_ids(checkpoint))
+    preload_towers(net, preload)
     return net, tokenizer

@@ -1,11 +1,17 @@
 """Find a checkpoint (local directory or Hugging Face repo id), read its safetensors lazily,
 map checkpoint names to ours, and check that every tensor is there with the right shape.
 
+Three kinds of checkpoint load: Hugging Face originals (`model.language_model.*`, torch layout),
+ours (written by `mlx_gemma3n.convert`: the same names and layouts, towers and the PLE table in
+files of their own, quantized weights as MLX's `weight`/`scales`/`biases`), and mlx-vlm's
+conversions (`language_model.model.*`, tower kernels already in MLX layout).
+
 Knows names and shapes, nothing about layers; layout quirks of a tower live in its `sanitize`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -24,7 +30,7 @@ class CheckpointError(ValueError):
 # What a download needs; the PLE table and towers come with the safetensors.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
-# Checkpoint prefix -> our module path. Longest prefix first.
+# Checkpoint prefix -> our module path: Hugging Face's names (also ours), then mlx-vlm's.
 _PREFIXES = (
     ("model.vision_tower.timm_model.", "vision_tower."),
     ("model.audio_tower.", "audio_tower."),
@@ -32,6 +38,17 @@ _PREFIXES = (
     ("model.embed_vision.", "embed_vision."),
     ("model.embed_audio.", "embed_audio."),
 )
+_MLX_VLM_PREFIXES = (
+    ("vision_tower.timm_model.", "vision_tower."),
+    ("audio_tower.", "audio_tower."),
+    ("language_model.model.", "language_model."),
+    ("embed_vision.", "embed_vision."),
+    ("embed_audio.", "embed_audio."),
+)
+PLE_NAME = "language_model.embed_tokens_per_layer"  # our module path of the Per-Layer Embedding table
+# Written into the safetensors metadata of our converted files, so that files from two
+# different models cannot be mixed silently.
+FINGERPRINT_KEY = "mlx_gemma3n.model_fingerprint"
 # KV-shared layers compute no keys or values; published files still carry these (unused).
 _SHARED_LAYER_UNUSED = ("k_proj", "v_proj", "k_norm", "v_norm")
 
@@ -53,7 +70,29 @@ def resolve(model: str | Path) -> Path:
         raise CheckpointError(f"Could not download {model} from the Hugging Face Hub ({type(e).__name__}: {e}).") from None
 
 
-def _safetensors_header(file: Path) -> dict:
+def model_fingerprint(raw_config: dict) -> str:
+    """A short hash of what fixes the tensor shapes (the text, vision and audio configs)."""
+    keys = ("text_config", "vision_config", "audio_config")
+    arch = {k: raw_config.get(k) for k in keys} if "text_config" in raw_config else raw_config
+    arch = json.loads(json.dumps(arch, sort_keys=True, default=str))
+    for section in arch.values() if "text_config" in raw_config else [arch]:
+        if isinstance(section, dict):  # bookkeeping keys that say nothing about shapes
+            for k in ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "quantization"):
+                section.pop(k, None)
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a tensor's bytes lie in a safetensors file (for memory-mapped reads)."""
+
+    file: Path
+    offset: int  # of the first byte, from the start of the file
+    dtype: str  # safetensors dtype: "BF16", "F16", "F32", "U32", ...
+    shape: tuple[int, ...]
+
+
+def _safetensors_header(file: Path, with_layout: bool = False):
     """Read and check a safetensors header, so a truncated download fails here, by name."""
     size = file.stat().st_size
     with open(file, "rb") as f:
@@ -67,11 +106,11 @@ def _safetensors_header(file: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{file} is not a safetensors file (unreadable header).") from None
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     end = 8 + n + max((t["data_offsets"][1] for t in header.values()), default=0)
     if size < end:
         raise CheckpointError(f"{file} is truncated ({size} of {end} bytes): download it again.")
-    return header
+    return (header, metadata, 8 + n) if with_layout else header
 
 
 @dataclass
@@ -83,6 +122,9 @@ class Checkpoint:
     shapes: dict[str, tuple[int, ...]]  # checkpoint name -> shape
     files: dict[str, Path]  # checkpoint name -> file
     opened: set[Path] = field(default_factory=set)  # files read so far (towers load on demand)
+    locations: dict[str, TensorLocation] = field(default_factory=dict)  # checkpoint name -> bytes on disk
+    read_names: set[str] = field(default_factory=set)  # checkpoint names read so far
+    layout: str = "hf"  # "hf" (Hugging Face's names and layouts; also ours) or "mlx-vlm"
 
     @classmethod
     def open(cls, model: str | Path) -> "Checkpoint":
@@ -105,17 +147,43 @@ class Checkpoint:
             files = sorted(path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{path} holds no .safetensors weights.")
-        shapes, where = {}, {}
+        shapes, where, locations = {}, {}, {}
+        fingerprint = model_fingerprint(config.raw)
         for file in files:
-            for name, info in _safetensors_header(file).items():
+            header, metadata, data_start = _safetensors_header(file, with_layout=True)
+            theirs = metadata.get(FINGERPRINT_KEY)
+            if theirs is not None and theirs != fingerprint:
+                raise CheckpointError(
+                    f"{file} was converted from another model than the one {path / 'config.json'} describes "
+                    "(its model fingerprint differs): convert the checkpoint again into an empty directory."
+                )
+            for name, info in header.items():
                 shapes[name], where[name] = tuple(info["shape"]), file
-        return cls(path, config, shapes, where)
+                locations[name] = TensorLocation(file, data_start + info["data_offsets"][0], info["dtype"], shapes[name])
+        layout = "mlx-vlm" if any(n.startswith("language_model.model.") for n in shapes) else "hf"
+        return cls(path, config, shapes, where, locations=locations, layout=layout)
+
+    @property
+    def quantized(self) -> bool:
+        return any(name.endswith(".scales") for name in self.shapes)
+
+    def names_for(self, ours: str) -> dict[str, str]:
+        """Checkpoint names of the tensors of our module path `ours` (a suffix -> name map:
+        "weight", and "scales"/"biases" when quantized)."""
+        found = {}
+        for name in self.shapes:
+            mapped = self.our_name(name)
+            if mapped is not None and mapped.startswith(ours + "."):
+                found[mapped[len(ours) + 1:]] = name
+        return found
 
     def our_name(self, name: str) -> str | None:
         """Our parameter path for a checkpoint name, or None for tensors we do not use."""
         if name == "lm_head.weight":  # tied to embed_tokens
             return None
-        for theirs, ours in _PREFIXES:
+        if self.layout == "mlx-vlm" and name.startswith("language_model.lm_head."):
+            return None
+        for theirs, ours in _MLX_VLM_PREFIXES if self.layout == "mlx-vlm" else _PREFIXES:
             if name.startswith(theirs):
                 ours = ours + name[len(theirs):]
                 break
@@ -128,19 +196,35 @@ class Checkpoint:
                 return None
         return ours
 
-    def read(self, prefix: str) -> dict[str, mx.array]:
-        """Every tensor whose (our) name starts with `prefix`, lazily, named below the prefix."""
+    def read(self, prefix: str, skip: tuple[str, ...] = ()) -> dict[str, mx.array]:
+        """Every tensor whose (our) name starts with `prefix` (and not with one of `skip`),
+        lazily, named below the prefix. Records which files and tensors were read."""
         wanted = {}
         for name in self.shapes:
             ours = self.our_name(name)
-            if ours is not None and ours.startswith(prefix):
+            if ours is not None and ours.startswith(prefix) and not ours.startswith(skip):
                 wanted.setdefault(self.files[name], {})[name] = ours[len(prefix):]
         out = {}
         for file, names in wanted.items():
             self.opened.add(file)
+            self.read_names.update(names)
             tensors = mx.load(str(file))
-            out.update({ours: tensors[theirs] for theirs, ours in names.items()})
+            for theirs, ours in names.items():
+                out[ours] = _to_torch_layout(prefix + ours, tensors[theirs]) if self.layout == "mlx-vlm" else tensors[theirs]
         return out
+
+
+def _to_torch_layout(name: str, w: mx.array) -> mx.array:
+    """mlx-vlm saves tower kernels in MLX layout; put them back in torch layout, which is what
+    the towers' `sanitize` takes (so that every checkpoint reaches it the same way)."""
+    if name.startswith("vision_tower.") and w.ndim == 4:
+        return w.transpose(0, 3, 1, 2)  # (O, kH, kW, I) -> (O, I, kH, kW)
+    if name.startswith("audio_tower."):
+        if w.ndim == 4:
+            return w.transpose(0, 3, 1, 2)
+        if w.ndim == 3 and name.endswith("depthwise_conv1d.weight"):
+            return w.transpose(0, 2, 1)  # (O, K, I) -> (O, I, K)
+    return w
 
 
 def load_into(module, weights: dict[str, mx.array], what: str, path: Path, dtype: mx.Dtype | None) -> None:

@@ -1,0 +1,303 @@
+"""Peak memory of Gemma 3n E2B/E4B under mlx_gemma3n (bf16 vs 4-bit, text-only vs image + 30 s
+of audio) and under mlx-vlm loading mlx-vlm's own conversion of the same weights, in one run.
+
+    python benchmarks/memory.py --ckpt-root /work/ckpt --prompt-tokens 32 --gen-tokens 16
+    python benchmarks/memory.py --kl --ckpt-root /work/ckpt          # the KL table of the recipes
+
+Checkpoints (reused when present): ROOT/E2B and ROOT/E4B (random, real names and shapes, written
+by random_checkpoint.py), ROOT/E2B-4bit (ours), ROOT/E2B-vlm-4bit (mlx-vlm's convert, 4-bit,
+group 64). Each configuration runs in its own subprocess, so each peak RSS (VmHWM) is clean;
+"MLX peak" is mx.get_peak_memory(). The issue asks for 512 + 128 tokens; MLX's CPU quantized
+matmul is slow for many rows, so the prompt length is a flag (weights dominate memory anyway).
+
+PyTorch is not a dependency of mlx_gemma3n, but transformers (the tokenizer, through mlx-lm)
+imports it whenever it is installed, which costs ~0.5 GB of RSS. Children therefore run with
+torch hidden (--with-torch to keep it), as on a machine without it; the table says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _rss_mb(key: str = "VmHWM") -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> dict:
+    """KV cache bytes per token of context: all cache-owning layers while within the sliding
+    window, only the full-attention ones beyond it (sliding layers are capped at the window;
+    KV-shared layers allocate nothing)."""
+    t = config.text
+    per_layer = 2 * t.num_key_value_heads * t.head_dim * dtype_bytes
+    owners = t.layer_types[: t.first_kv_shared_layer]
+    full = sum(k == "full_attention" for k in owners)
+    return {"within_window": per_layer * len(owners), "beyond_window": per_layer * full,
+            "window": t.sliding_window, "cache_layers": len(owners), "full_layers": full}
+
+
+# ----------------------------------------------------------------------------- child: one run
+
+def child(args) -> dict:
+    if not args.with_torch:
+        sys.modules["torch"] = None  # transformers then sees no torch (as on a machine without it)
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.generate import generate_step
+
+    rss_import = _rss_mb("VmRSS")
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1000, 200_000, size=args.prompt_tokens).tolist()
+    start = time.perf_counter()
+    if args.impl == "ours":
+        from mlx_gemma3n.loading import load_model
+
+        model, _ = load_model(args.model, dtype=mx.bfloat16)
+        config = model.config
+        embeddings = None
+        if args.media:
+            c = config
+            pixels = mx.array(rng.random((1, 768, 768, 3), dtype=np.float32))
+            frames = 3000  # 30 s of log-mel at a 10 ms hop
+            features = mx.array(rng.standard_normal((1, frames, 128), dtype=np.float32))
+            image = model.embed_image(pixels)
+            audio = model.embed_audio_features(features, mx.zeros((1, frames), dtype=mx.bool_))
+            mx.eval(image, audio)
+            ids = ([2] + prompt[: len(prompt) // 2] + [c.boi_token_id] + [c.image_token_id] * image.shape[1]
+                   + [c.eoi_token_id, c.boa_token_id] + [c.audio_token_id] * audio.shape[1] + [c.eoa_token_id]
+                   + prompt[len(prompt) // 2 :])
+            embeddings = model.embed(mx.array([ids]), image, audio)[0]
+            prompt = ids
+        tokens, first = [], None
+        kw = {"input_embeddings": embeddings} if embeddings is not None else {}
+        t0 = time.perf_counter()
+        cache = model.make_cache()
+        for token, _ in generate_step(mx.array(prompt), model, max_tokens=args.gen_tokens, prompt_cache=cache,
+                                      prefill_step_size=512, **kw):
+            if first is None:
+                first = time.perf_counter() - start
+                prefill_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+            tokens.append(int(token))
+        decode_s = time.perf_counter() - t1
+        kv = sum(c.nbytes for c in cache)
+    else:
+        from mlx_vlm import load
+        from mlx_vlm.generate import stream_generate
+
+        model, processor = load(args.model)
+        config = None
+        tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+        text = tokenizer.decode(prompt)
+        tokens, first, t0 = [], None, time.perf_counter()
+        for r in stream_generate(model, processor, text, max_tokens=args.gen_tokens, temperature=0.0):
+            if first is None:
+                first = time.perf_counter() - start
+                prefill_s = time.perf_counter() - t0
+                t1 = time.perf_counter()
+            tokens.append(r.token)
+        decode_s = time.perf_counter() - t1
+        kv = None
+    return {
+        "load_to_first_token_s": round(first, 2), "prefill_s": round(prefill_s, 2),
+        "decode_tok_s": round((len(tokens) - 1) / max(decode_s, 1e-9), 2), "prompt_tokens": len(prompt),
+        "generated": len(tokens), "peak_rss_gb": round(_rss_mb() / 1024, 3),
+        "mlx_peak_gb": round(mx.get_peak_memory() / 1e9, 3), "rss_after_imports_gb": round(rss_import / 1024, 3),
+        "kv_cache_mb": None if kv is None else round(kv / 1e6, 2), "torch": "torch" in sys.modules and sys.modules["torch"] is not None,
+    }
+
+
+# ----------------------------------------------------------------------------- preparation
+
+def prepare(root: Path, sizes, want_vlm: bool, log=print) -> dict[str, Path]:
+    sys.path.insert(0, str(HERE))
+    from random_checkpoint import write_checkpoint
+
+    from mlx_gemma3n.convert import convert
+
+    paths = {}
+    for size in sizes:
+        src = root / size
+        if not (src / "config.json").exists():
+            log(f"writing a random {size} checkpoint to {src}")
+            write_checkpoint(src, size, progress=log)
+        paths[size] = src
+        q = root / f"{size}-4bit"
+        if not (q / "config.json").exists():
+            t = time.perf_counter()
+            convert(src, q, quantize=True, bits=4, group_size=64)
+            log(f"converted {size} to 4-bit in {time.perf_counter() - t:.0f} s")
+        paths[f"{size}-4bit"] = q
+    if want_vlm and "E2B" in sizes:
+        paths["E2B-vlm-4bit"] = _mlx_vlm_conversion(root, log)
+    return paths
+
+
+def _mlx_vlm_conversion(root: Path, log) -> Path:
+    """mlx-vlm's convert of the random E2B (it needs tokenizer and processor files beside the
+    weights: a small Gemma-like tokenizer from the tests, and the Gemma 3n processor config)."""
+    out = root / "E2B-vlm-4bit"
+    if (out / "config.json").exists():
+        return out
+    src = root / "E2B-vlm-src"
+    if not (src / "config.json").exists():
+        src.mkdir(exist_ok=True)
+        for f in (root / "E2B").iterdir():
+            if not (src / f.name).exists():
+                os.symlink(f, src / f.name)
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from checkpoints import write_tokenizer
+
+        write_tokenizer(src)
+        tok = json.loads((src / "tokenizer_config.json").read_text())
+        tok["extra_special_tokens"] = {
+            "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "boi_token": "<start_of_image>",
+            "eoa_token": "<end_of_audio>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        (src / "tokenizer_config.json").write_text(json.dumps(tok))
+        from transformers import Gemma3nAudioFeatureExtractor
+
+        Gemma3nAudioFeatureExtractor().save_pretrained(src)
+        pre = json.loads((src / "preprocessor_config.json").read_text())
+        pre.update(image_processor_type="SiglipImageProcessor", processor_class="Gemma3nProcessor",
+                   size={"height": 768, "width": 768}, do_normalize=False, do_rescale=True, rescale_factor=1 / 255)
+        (src / "preprocessor_config.json").write_text(json.dumps(pre))
+    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", str(src), "--mlx-path", str(out), "-q",
+           "--q-bits", "4", "--q-group-size", "64"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    log(f"mlx-vlm converted E2B to 4-bit in {time.perf_counter() - t:.0f} s")
+    return out
+
+
+# ----------------------------------------------------------------------------- KL of recipes
+
+def kl_table(root: Path, prompts: int, tokens: int, log=print) -> list[tuple[str, float, float]]:
+    """KL(bf16 || quantized) of each recipe on the random E2B, with weights rounded through the
+    quantizer (fake quantization: the values a quantized layer uses, run with float kernels)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from mlx_gemma3n.loading import load_model
+    from mlx_gemma3n.quantize import fake_quantize, kl_divergence, quantizable, recipe_bits
+
+    rng = np.random.default_rng(0)
+    batch = mx.array(rng.integers(1000, 200_000, size=(prompts, tokens)))
+    model, _ = load_model(root / "E2B", dtype=mx.bfloat16)
+    reference = model(batch).astype(mx.float32)
+    mx.eval(reference)
+    groups = {
+        "embed_tokens (and head)": r"^language_model\.embed_tokens$",
+        "attention": r"\.self_attn\.",
+        "mlp": r"\.mlp\.",
+        "per-layer paths": r"per_layer",
+        "altup + laurel": r"(altup|laurel)",
+    }
+    candidates = [("uniform 4-bit", "uniform", 4, {}), ("uniform 8-bit", "uniform", 8, {}),
+                  ("mixed (4-bit, sensitive at 8)", "mixed", 4, {})]
+    for name, pattern in groups.items():
+        candidates.append((f"4-bit, {name} at 8", "uniform", 4, {pattern: 8}))
+    rows = []
+    for label, recipe, bits, overrides in candidates:
+        model, _ = load_model(root / "E2B", dtype=mx.bfloat16)
+        quantized = total = 0.0
+        for path, m in model.language_model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and not hasattr(m, "scales"):
+                full = "language_model." + path
+                shape = m.weight.shape
+                total += m.weight.size
+                b = recipe_bits(full, bits, recipe, overrides)
+                if b and quantizable(full, shape, 64):
+                    m.weight = fake_quantize(m.weight, b, 64)
+                    quantized += m.weight.size * (b + 0.5) / 16  # bits + bf16 scale/bias per 64, in bf16 units
+                else:
+                    quantized += m.weight.size
+        logits = model(batch)
+        kl = kl_divergence(reference, logits)
+        size_ratio = quantized / total
+        rows.append((label, kl, size_ratio))
+        log(f"{label:<40} KL {kl:.5f} nats   resident weights {size_ratio * 100:.1f}% of bf16")
+        del model
+        mx.clear_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- driver
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt-root", type=Path, default=Path("/tmp/gemma3n-bench"))
+    p.add_argument("--sizes", nargs="+", default=["E2B", "E4B"])
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--skip-bf16", action="store_true")
+    p.add_argument("--skip-media", action="store_true")
+    p.add_argument("--with-torch", action="store_true")
+    p.add_argument("--kl", action="store_true", help="print the KL table of the quantization recipes instead")
+    p.add_argument("--kl-prompts", type=int, default=4)
+    p.add_argument("--kl-tokens", type=int, default=16)
+    # internal: one configuration
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
+    p.add_argument("--media", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return 0
+    if args.kl:
+        prepare(args.ckpt_root, ["E2B"], want_vlm=False)
+        kl_table(args.ckpt_root, args.kl_prompts, args.kl_tokens)
+        return 0
+
+    paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer)
+    runs = []
+    for size in args.sizes:
+        if not args.skip_bf16:
+            runs.append((f"{size} bf16 text (ours)", paths[size], "ours", False))
+        runs.append((f"{size} 4-bit text (ours)", paths[f"{size}-4bit"], "ours", False))
+        if size == "E2B" and not args.skip_peer:
+            runs.append(("E2B mlx-vlm 4-bit text (ours)", paths["E2B-vlm-4bit"], "ours", False))
+            runs.append(("E2B mlx-vlm 4-bit text (mlx-vlm)", paths["E2B-vlm-4bit"], "mlx-vlm", False))
+        if size == "E2B" and not args.skip_media:
+            runs.append(("E2B 4-bit image+30s audio (ours)", paths["E2B-4bit"], "ours", True))
+    from mlx_gemma3n.config import load_config
+
+    print(f"prompt {args.prompt_tokens} tokens + {args.gen_tokens} generated; torch "
+          f"{'imported' if args.with_torch else 'hidden'}; {os.cpu_count()} CPUs")
+    for size in args.sizes:
+        kv = kv_bytes_per_token(load_config(paths[size]))
+        print(f"{size} KV cache (bf16): {kv['within_window'] / 1024:.0f} KiB/token within the {kv['window']}-token "
+              f"window ({kv['cache_layers']} cache layers), {kv['beyond_window'] / 1024:.0f} KiB/token beyond it "
+              f"({kv['full_layers']} full-attention layers)")
+    header = f"{'configuration':<36} {'peak RSS GB':>11} {'MLX peak GB':>11} {'load->1st tok s':>15} {'decode tok/s':>12}"
+    print(header, flush=True)
+    for label, path, impl, media in runs:
+        cmd = [sys.executable, __file__, "--child", "--model", str(path), "--impl", impl,
+               "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
+        cmd += ["--media"] if media else []
+        cmd += ["--with-torch"] if args.with_torch else []
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+        if result is None:
+            print(f"{label:<36} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", flush=True)
+            continue
+        print(f"{label:<36} {result['peak_rss_gb']:>11.2f} {result['mlx_peak_gb']:>11.2f} "
+              f"{result['load_to_first_token_s']:>15.1f} {result['decode_tok_s']:>12.2f}   {json.dumps(result)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

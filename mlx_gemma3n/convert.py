@@ -1,0 +1,337 @@
+"""Convert a Gemma 3n checkpoint for MLX: optionally quantized, towers and the Per-Layer
+Embedding table in files of their own (so a text-only session never opens the towers' files).
+
+    python -m mlx_gemma3n.convert --model google/gemma-3n-E2B-it --out gemma-3n-E2B-it-4bit -q
+    python -m mlx_gemma3n.convert --model M --out DIR -q --bits 4 --group-size 64 --recipe mixed --ple-bits 8
+
+The output keeps Hugging Face's tensor names and layouts; quantized weights are stored as MLX
+stores them (`weight` packed in uint32, `scales`, `biases`), and config.json gains a
+`quantization` block. Tensors are streamed one block of rows at a time, so converting needs
+far less memory than the checkpoint's size. The output appears only when complete: it is
+written to a hidden directory beside it and renamed at the end; on any failure (a full disk
+included) that directory is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import errno
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .quantize import BITS, GROUP_SIZES, RECIPES, quantizable, recipe_bits
+from .weights import FINGERPRINT_KEY, PLE_NAME, Checkpoint, CheckpointError, TensorLocation, model_fingerprint
+
+
+class ConvertError(RuntimeError):
+    """A conversion that cannot be done; nothing was written."""
+
+
+_NP = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+_MX = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
+_ST = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
+_SIZE = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4}
+BLOCK_BYTES = 64 << 20  # source bytes quantized and written at a time
+SHARD_BYTES = 2 << 30
+
+
+@dataclass
+class _Tensor:
+    """One source tensor and what becomes of it."""
+
+    name: str  # checkpoint name, kept in the output
+    source: TensorLocation
+    file: str  # output file
+    dtype: str  # output float dtype (safetensors name)
+    bits: int | None = None  # quantized to this many bits, or None
+    group_size: int | None = None
+
+    def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of what is written: the tensor, or its weight/scales/biases."""
+        if self.bits is None:
+            return [(self.name, self.dtype, self.source.shape)]
+        rows, cols = self.source.shape
+        base = self.name[: -len(".weight")]
+        return [
+            (base + ".weight", "U32", (rows, cols * self.bits // 32)),
+            (base + ".scales", self.dtype, (rows, cols // self.group_size)),
+            (base + ".biases", self.dtype, (rows, cols // self.group_size)),
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_SIZE[d] * int(np.prod(s)) for _, d, s in self.outputs())
+
+
+def _module_kinds(config) -> dict[str, type]:
+    """Our module path -> class, for every Linear/Embedding of the model and its towers (built
+    lazily: MLX allocates nothing until parameters are evaluated)."""
+    from .model.audio import AudioTower
+    from .model.gemma3n import Gemma3n
+    from .model.vision import VisionTower
+
+    net = Gemma3n(config)
+    net.audio_tower = AudioTower(config.audio)
+    net.vision_tower = VisionTower(config.vision)
+    return {path: type(m) for path, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+
+
+def plan(
+    checkpoint: Checkpoint,
+    quantize: bool = False,
+    bits: int = 4,
+    group_size: int = 64,
+    recipe: str = "uniform",
+    ple_bits: int | None = None,
+    dtype: str | None = None,
+) -> list[_Tensor]:
+    """What every tensor of `checkpoint` becomes in the converted output."""
+    layers = _module_kinds(checkpoint.config) if quantize or ple_bits else {}
+    tensors = []
+    for name, where in checkpoint.locations.items():
+        ours = checkpoint.our_name(name)
+        if ours is None:
+            continue  # tied head, KV weights of KV-shared layers: never used
+        if where.dtype not in _NP:
+            raise ConvertError(f"{where.file}: {name} is stored as {where.dtype}; only bf16/f16/f32 checkpoints convert.")
+        if ours.startswith(PLE_NAME + "."):
+            file = "ple.safetensors"
+        elif ours.startswith(("audio_tower.", "vision_tower.")):
+            file = ours.split(".", 1)[0] + ".safetensors"
+        else:
+            file = "model"
+        t = _Tensor(name, where, file, dtype or where.dtype)
+        module, _, leaf = ours.rpartition(".")
+        if leaf == "weight" and module in layers and quantizable(ours, where.shape, group_size):
+            if module == PLE_NAME:
+                t.bits = ple_bits
+            elif quantize:
+                t.bits = recipe_bits(module, bits, recipe)
+            t.group_size = group_size if t.bits else None
+        tensors.append(t)
+    # The decoder and embedders go into shards of at most SHARD_BYTES.
+    main = [t for t in tensors if t.file == "model"]
+    shards, used = [[]], 0
+    for t in main:
+        if shards[-1] and used + t.nbytes > SHARD_BYTES:
+            shards.append([])
+            used = 0
+        shards[-1].append(t)
+        used += t.nbytes
+    for i, shard in enumerate(shards):
+        for t in shard:
+            t.file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    return tensors
+
+
+class _Source:
+    """Row blocks of source tensors, read through memory maps of their files."""
+
+    def __init__(self):
+        self._maps = {}
+
+    def rows(self, where: TensorLocation):
+
+        if where.file not in self._maps:
+            with open(where.file, "rb") as f:
+                self._maps[where.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        count = int(np.prod(where.shape))
+        flat = np.frombuffer(self._maps[where.file], dtype=_NP[where.dtype], count=count, offset=where.offset)
+        matrix = flat.reshape(where.shape[0], -1) if where.shape else flat.reshape(1, 1)
+        step = max(1, BLOCK_BYTES // max(1, matrix.strides[0]))
+        for start in range(0, matrix.shape[0], step):
+            block = mx.array(np.ascontiguousarray(matrix[start : start + step]))
+            if hasattr(mmap, "MADV_DONTNEED"):  # keep the read pages out of our resident set
+                self._maps[where.file].madvise(mmap.MADV_DONTNEED)
+            yield block.view(mx.bfloat16) if where.dtype == "BF16" else block
+
+
+def _to_bytes(a: mx.array) -> bytes:
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.array(a).tobytes()
+
+
+def _write_file(path: Path, tensors: list[_Tensor], source: _Source, metadata: dict, progress) -> None:
+    header, offset = {"__metadata__": metadata}, 0
+    for t in tensors:
+        for name, dtype, shape in t.outputs():
+            nbytes = _SIZE[dtype] * int(np.prod(shape))
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for t in tensors:
+            out_dtype = _MX[t.dtype]
+            side = []  # scales and biases of a quantized tensor follow its packed weight
+            for block in source.rows(t.source):
+                block = block.astype(out_dtype)
+                if t.bits is None:
+                    f.write(_to_bytes(block))
+                else:
+                    wq, scales, biases = mx.quantize(block, group_size=t.group_size, bits=t.bits)
+                    f.write(_to_bytes(wq))
+                    side.append((_to_bytes(scales), _to_bytes(biases)))
+                progress(block.size * _SIZE[t.source.dtype])
+            for k in (0, 1):
+                for pair in side:
+                    f.write(pair[k])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, processor, generation config, chat template: everything but weights and config."""
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            if f.stat().st_size < (256 << 20):
+                shutil.copy2(f, dst / f.name)
+
+
+def convert(
+    model: str | Path,
+    out: str | Path,
+    quantize: bool = False,
+    bits: int = 4,
+    group_size: int = 64,
+    recipe: str = "uniform",
+    ple_bits: int | None = None,
+    dtype: str | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Convert `model` (a directory or Hugging Face repo id) into `out`; returns `out`."""
+    if bits not in BITS or (quantize and bits not in (4, 8) and recipe == "mixed"):
+        raise ConvertError(f"bits must be one of {BITS} (4 or 8 are the tested ones), not {bits}.")
+    if ple_bits is not None and ple_bits not in (4, 8):
+        raise ConvertError(f"--ple-bits must be 4 or 8, not {ple_bits}.")
+    if group_size not in GROUP_SIZES:
+        raise ConvertError(f"group size must be one of {GROUP_SIZES}, not {group_size}.")
+    if recipe not in RECIPES:
+        raise ConvertError(f"Unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}.")
+    out = Path(out).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"{out} already exists and is not empty: choose another --out or remove it.")
+    try:
+        checkpoint = Checkpoint.open(model)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
+    if checkpoint.quantized:
+        raise ConvertError(
+            f"{checkpoint.path} is already quantized: convert from the original (bf16) checkpoint instead."
+        )
+    if checkpoint.layout != "hf":
+        raise ConvertError(f"{checkpoint.path} is an mlx-vlm conversion: convert from the original checkpoint instead.")
+    tensors = plan(checkpoint, quantize, bits, group_size, recipe, ple_bits, dtype)
+
+    total = sum(t.nbytes for t in tensors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if total * 1.01 + (16 << 20) > free:
+        raise ConvertError(
+            f"Not enough disk space in {out.parent}: the converted checkpoint needs {total / 1e9:.2f} GB and "
+            f"{free / 1e9:.2f} GB are free. Nothing was written."
+        )
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    bar = None
+    try:
+        by_file: dict[str, list[_Tensor]] = {}
+        for t in tensors:
+            by_file.setdefault(t.file, []).append(t)
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(int(np.prod(t.source.shape)) * _SIZE[t.source.dtype] for t in tensors),
+                       unit="B", unit_scale=True, desc=f"Converting to {out.name}")
+        metadata = {"format": "mlx", FINGERPRINT_KEY: model_fingerprint(checkpoint.config.raw)}
+        source = _Source()
+        for file, group in by_file.items():
+            _write_file(tmp / file, group, source, metadata, bar.update if bar else (lambda n: None))
+        weight_map = {name: t.file for t in tensors for name, _, _ in t.outputs()}
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
+        _copy_side_files(checkpoint.path, tmp)
+        config = dict(checkpoint.config.raw)
+        config.pop("quantization_config", None)
+        if quantize or ple_bits:
+            config["quantization"] = _quantization_block(tensors, bits if quantize else ple_bits, group_size, recipe)
+        if dtype:
+            config["dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]
+        # config.json last: a directory without it is not a checkpoint.
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    except BaseException as e:
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConvertError(
+                f"The disk holding {out.parent} filled up while converting (the output needs "
+                f"{total / 1e9:.2f} GB); nothing was left behind. Free some space and convert again."
+            ) from None
+        raise
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _quantization_block(tensors, bits, group_size, recipe) -> dict:
+    """The config's quantization block: defaults, plus every layer that differs (by module path,
+    as checkpoint names), so that readers which do not infer bits from shapes load it too."""
+    block = {"group_size": group_size, "bits": bits, "mode": "affine", "recipe": recipe}
+    for t in tensors:
+        if t.name.endswith(".weight") and t.source.dtype in _NP and len(t.source.shape) == 2:
+            module = t.name[: -len(".weight")]
+            if t.bits is not None and t.bits != bits:
+                block[module] = {"group_size": t.group_size, "bits": t.bits}
+    return block
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_gemma3n.convert", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id (bf16 original)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (must not exist, or be empty)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the linear and embedding layers")
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--group-size", type=int, default=64, choices=list(GROUP_SIZES))
+    parser.add_argument("--recipe", default="uniform", choices=list(RECIPES),
+                        help="uniform: every layer at --bits; mixed: the sensitive ones at 8 bits")
+    parser.add_argument("--ple-bits", type=int, choices=[4, 8], default=None,
+                        help="also quantize the Per-Layer Embedding table (it is never resident; this cuts disk and I/O)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="floating-point dtype of the output (default: as stored)")
+    args = parser.parse_args(argv)
+    dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", None: None}[args.dtype]
+    start = time.perf_counter()
+    try:
+        out = convert(args.model, args.out, args.quantize, args.bits, args.group_size, args.recipe, args.ple_bits, dtype)
+    except (ConvertError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"Wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Quantization policy: which weights are quantized, at how many bits, and how a module whose
+checkpoint carries quantized weights is turned into MLX quantized layers.
+
+Weights are stored as MLX stores them (`weight` packed into uint32, `scales`, `biases`; affine
+mode), which is also mlx-lm's and mlx-vlm's layout. Bits and group size are read from the
+shapes, so a checkpoint quantized with any recipe (uniform or mixed) loads the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+class QuantizedScaledEmbedding(nn.QuantizedEmbedding):
+    """A quantized `ScaledEmbedding`: dequantized rows times the constant, rounded to the rows'
+    dtype as the reference does. `as_linear` (the tied output head) is unscaled, as in bf16."""
+
+    def __init__(self, num_embeddings: int, dims: int, scale: float, group_size: int, bits: int):
+        super().__init__(num_embeddings, dims, group_size=group_size, bits=bits)
+        self.scale = scale
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        rows = super().__call__(ids)
+        return rows * mx.array(self.scale, dtype=rows.dtype)
+
+
+def quantized_shape_info(weight_shape, scales_shape, in_dims: int) -> tuple[int, int] | None:
+    """(bits, group_size) of an affine-quantized (rows, in_dims) matrix, from its stored shapes;
+    None if the shapes are not a quantization of that matrix."""
+    packed, groups = weight_shape[-1], scales_shape[-1]
+    if groups == 0 or in_dims % groups or (packed * 32) % in_dims:
+        return None
+    bits, group_size = packed * 32 // in_dims, in_dims // groups
+    if bits not in BITS or group_size not in (*GROUP_SIZES, 16):
+        return None
+    return bits, group_size
+
+
+def apply_quantization(module: nn.Module, weights: dict[str, mx.array], what: str = "model") -> None:
+    """Replace every Linear/Embedding of `module` whose weights come with `scales` by its MLX
+    quantized counterpart, with the bits and group size its stored shapes imply."""
+    from .model.text import ScaledEmbedding
+
+    quantized = {name[: -len(".scales")] for name in weights if name.endswith(".scales")}
+    if not quantized:
+        return
+    found = set()
+    replacements = []
+    for path, m in module.named_modules():
+        if path not in quantized:
+            continue
+        if not isinstance(m, (nn.Linear, nn.Embedding)):
+            raise ValueError(f"The {what} stores {path} quantized, but it is not a linear or embedding layer.")
+        out_dims, in_dims = m.weight.shape
+        info = quantized_shape_info(weights[path + ".weight"].shape, weights[path + ".scales"].shape, in_dims)
+        if info is None:
+            raise ValueError(
+                f"The {what} stores {path} quantized with shapes {tuple(weights[path + '.weight'].shape)} / "
+                f"{tuple(weights[path + '.scales'].shape)}, which do not fit a ({out_dims}, {in_dims}) weight."
+            )
+        if path + ".biases" not in weights:
+            raise ValueError(f"The {what} stores {path} quantized without biases: only affine quantization is supported.")
+        bits, group_size = info
+        if isinstance(m, ScaledEmbedding):
+            q = QuantizedScaledEmbedding(out_dims, in_dims, m.scale, group_size, bits)
+        else:
+            q = m.to_quantized(group_size=group_size, bits=bits)
+        replacements.append((path, q))
+        found.add(path)
+    if missing := sorted(quantized - found):
+        raise ValueError(f"The {what} stores quantized weights for layers it does not have (e.g. {missing[0]}).")
+    for path, q in replacements:
+        *parents, leaf = path.split(".")
+        node = module
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        if isinstance(node, list):
+            node[int(leaf)] = q
+        else:
+            setattr(node, leaf, q)
+
+
+# Recipes. A recipe maps our module path (a Linear or Embedding weight) to its bits, or None
+# for "keep it in floating point". Modules whose input width the group size does not divide
+# (AltUp's 4-wide coefficient layers, Laurel's and the per-layer projection's narrow inputs)
+# always stay in floating point.
+#
+# "mixed" keeps at 8 bits the layers that cost little memory but sit where an error reaches
+# everything: the tied embedding (also the output head), the narrow per-layer-input, Laurel and
+# AltUp paths, and the multimodal embedders. On random E2B-shaped weights the KL of every
+# recipe is dominated by the random network's sensitivity (benchmarks/memory.py --kl; even
+# uniform 8-bit gives 0.32 nats), so this choice awaits confirmation on the real weights.
+_MIXED_8BIT = (
+    r"^language_model\.embed_tokens$",
+    r"^language_model\.per_layer_model_projection$",
+    r"^language_model\.altup_(un)?embed_projections\.\d+$",
+    r"\.per_layer_input_gate$",
+    r"\.per_layer_projection$",
+    r"\.laurel\.linear_(left|right)$",
+    r"\.altup\.modality_router$",
+    r"^embed_(audio|vision)\.",
+)
+RECIPES = ("uniform", "mixed")
+
+
+def recipe_bits(path: str, bits: int, recipe: str = "uniform", overrides: dict[str, int | None] | None = None) -> int | None:
+    """Bits for the weight of our module `path` under `recipe` (None: keep floating point)."""
+    for pattern, value in (overrides or {}).items():
+        if re.search(pattern, path):
+            return value
+    if recipe == "mixed" and any(re.search(p, path) for p in _MIXED_8BIT):
+        return max(bits, 8)
+    if recipe not in RECIPES:
+        raise ValueError(f"Unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}.")
+    return bits
+
+
+def quantizable(path: str, shape: tuple[int, ...], group_size: int) -> bool:
+    """A 2-D Linear/Embedding weight whose rows split into whole groups (the PLE table is handled
+    by the PLE store, the towers' convolution kernels are not matrices)."""
+    return len(shape) == 2 and shape[-1] % group_size == 0 and shape[-1] >= group_size
+
+
+def quantize_weight(w: mx.array, bits: int, group_size: int) -> dict[str, mx.array]:
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    return {"weight": wq, "scales": scales, "biases": biases}
+
+
+def fake_quantize(w: mx.array, bits: int, group_size: int) -> mx.array:
+    """w rounded through the quantizer, back in its dtype: the same values a quantized layer
+    multiplies with, for fast measurement with float kernels."""
+    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    return mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits).astype(w.dtype)
+
+
+def kl_divergence(reference_logits: mx.array, logits: mx.array) -> float:
+    """Mean over positions of KL(reference || other) of the next-token distributions, in nats."""
+    p = reference_logits.astype(mx.float32)
+    q = logits.astype(mx.float32)
+    logp = p - mx.logsumexp(p, axis=-1, keepdims=True)
+    logq = q - mx.logsumexp(q, axis=-1, keepdims=True)
+    kl = mx.sum(mx.exp(logp) * (logp - logq), axis=-1)
+    return float(np.mean(np.array(kl)))
