@@ -3,10 +3,12 @@
 `ChatSession`."""
 
 from .generate import ChatSession, SamplingOptions, describe, generate, stream_generate
-from .loading import load
+from .live import LiveDescriber, LiveTranscriber
+from .loading import load, preload_towers, unload_towers
 from .transcribe import Transcript, transcribe
 
 __all__ = [
-    "load", "generate", "stream_generate", "describe", "transcribe", "Transcript", "ChatSession", "SamplingOptions",
+    "load", "preload_towers", "unload_towers", "generate", "stream_generate", "describe", "transcribe", "Transcript",
+    "ChatSession", "SamplingOptions", "LiveTranscriber", "LiveDescriber",
 ]
 __version__ = "0.1.0"

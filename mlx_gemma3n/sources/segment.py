@@ -206,6 +206,14 @@ class VoiceActivitySegmenter:
         self._trim()
         return out
 
+    def pending(self) -> tuple[int, np.ndarray] | None:
+        """(first sample, samples so far) of the utterance still open, or None. Like a finished
+        utterance it ends `padding` after its last voiced frame (for partial transcripts)."""
+        if not self._in_speech:
+            return None
+        end = min(self._last_voiced_end + self.padding, self._next_frame)
+        return self._utt_start, self._slice(self._utt_start, max(self._utt_start, end))
+
     def flush(self) -> list[Utterance]:
         """End of stream: the open utterance, if any (ended at the last voiced frame + padding)."""
         out = []
