@@ -157,21 +157,10 @@ def _mlx_vlm_conversion(root: Path, log) -> Path:
             if not (src / f.name).exists():
                 os.symlink(f, src / f.name)
         sys.path.insert(0, str(HERE.parent / "tests"))
-        from checkpoints import write_tokenizer
+        from checkpoints import write_processor_files, write_tokenizer
 
         write_tokenizer(src)
-        tok = json.loads((src / "tokenizer_config.json").read_text())
-        tok["extra_special_tokens"] = {
-            "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "boi_token": "<start_of_image>",
-            "eoa_token": "<end_of_audio>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-        (src / "tokenizer_config.json").write_text(json.dumps(tok))
-        from transformers import Gemma3nAudioFeatureExtractor
-
-        Gemma3nAudioFeatureExtractor().save_pretrained(src)
-        pre = json.loads((src / "preprocessor_config.json").read_text())
-        pre.update(image_processor_type="SiglipImageProcessor", processor_class="Gemma3nProcessor",
-                   size={"height": 768, "width": 768}, do_normalize=False, do_rescale=True, rescale_factor=1 / 255)
-        (src / "preprocessor_config.json").write_text(json.dumps(pre))
+        write_processor_files(src, image_size={"height": 768, "width": 768})
     t = time.perf_counter()
     cmd = [sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", str(src), "--mlx-path", str(out), "-q",
            "--q-bits", "4", "--q-group-size", "64"]

@@ -20,7 +20,7 @@ from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .processing.audio import MAX_SAMPLES, SAMPLE_RATE, load_audio, log_mel_batch
+from .processing.audio import MAX_SAMPLES, as_samples, log_mel_batch
 from .processing.image import preprocess_images
 from .processing.prompt import encode, expand_media, user_content
 
@@ -97,13 +97,7 @@ def prepare_audio(clips) -> list[np.ndarray]:
     longer recordings become several clips, never a cut one. A clip is a path, bytes, an
     (array, sample_rate) pair, or an array already at 16 kHz."""
     out = []
-    for clip in clips:
-        if isinstance(clip, tuple):
-            samples = load_audio(*clip)
-        elif isinstance(clip, np.ndarray):
-            samples = load_audio(clip, SAMPLE_RATE)
-        else:
-            samples = load_audio(clip)
+    for samples in map(as_samples, clips):
         out += [samples[i : i + MAX_SAMPLES] for i in range(0, max(len(samples), 1), MAX_SAMPLES)]
     return out
 

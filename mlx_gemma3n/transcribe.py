@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .generate import SamplingOptions, _add_sampling_args, load_from_args, stream_generate
-from .processing.audio import MAX_SAMPLES, SAMPLE_RATE, load_audio
+from .processing.audio import MAX_SAMPLES, SAMPLE_RATE, as_samples
 from .sources.segment import split_on_silence
 
 CLIP_SECONDS = MAX_SAMPLES / SAMPLE_RATE
@@ -90,12 +90,7 @@ def transcribe(
 ) -> Transcript:
     """Transcribe (or translate) `audio`: a path, bytes, an (array, sample_rate) pair, or an
     array at 16 kHz. Greedy decoding unless `sampling` says otherwise."""
-    if isinstance(audio, tuple):
-        samples = load_audio(*audio)
-    elif isinstance(audio, np.ndarray):
-        samples = load_audio(audio, SAMPLE_RATE)
-    else:
-        samples = load_audio(audio)
+    samples = as_samples(audio)
     sampling = sampling or SamplingOptions(temperature=0.0)
     spans = split_on_silence(samples, SAMPLE_RATE, max_seconds=CLIP_SECONDS, overlap_seconds=OVERLAP_SECONDS)
     prompt = instruction(language, translate_to)

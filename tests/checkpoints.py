@@ -139,3 +139,21 @@ def make_checkpoint(path: Path, text_overrides: dict | None = None, seed: int = 
     model.save_pretrained(path, safe_serialization=True)
     write_tokenizer(path)
     return model
+
+
+def write_processor_files(path: Path, image_size: dict | None = None) -> None:
+    """What Gemma3nProcessor (and so mlx-vlm) reads beside the weights: the multimodal tokens
+    named in tokenizer_config.json and a preprocessor_config.json."""
+    from transformers import Gemma3nAudioFeatureExtractor
+
+    tok = json.loads((path / "tokenizer_config.json").read_text())
+    tok["extra_special_tokens"] = {
+        "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "boi_token": "<start_of_image>",
+        "eoa_token": "<end_of_audio>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(tok))
+    Gemma3nAudioFeatureExtractor().save_pretrained(path)
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    pre.update(image_processor_type="SiglipImageProcessor", processor_class="Gemma3nProcessor")
+    if image_size:
+        pre.update(size=image_size, do_normalize=False, do_rescale=True, rescale_factor=1 / 255)
+    (path / "preprocessor_config.json").write_text(json.dumps(pre))

@@ -1,4 +1,6 @@
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,3 +16,14 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gemma3n")
     reference = make_checkpoint(path)
     return path, reference
+
+
+@pytest.fixture
+def no_leftover_threads():
+    """After the test, the number of Python threads returns to what it was before."""
+    baseline = threading.active_count()
+    yield
+    deadline = time.monotonic() + 5.0
+    while threading.active_count() > baseline and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() == baseline, f"threads left running: {threading.enumerate()}"

@@ -114,17 +114,6 @@ def collect(live, timeout: float):
     return not t.is_alive(), events, box.get("error")
 
 
-@pytest.fixture
-def no_leftover_threads():
-    """After the test, the number of Python threads returns to what it was before."""
-    baseline = threading.active_count()
-    yield
-    deadline = time.monotonic() + 5.0
-    while threading.active_count() > baseline and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert threading.active_count() == baseline, f"threads left running: {threading.enumerate()}"
-
-
 def of(events, kind):
     return [e for e in events if isinstance(e, kind)]
 

@@ -247,7 +247,7 @@ def mlx_vlm_pair(tmp_path_factory):
     pytest.importorskip("mlx_vlm")
     from unittest import mock
 
-    from checkpoints import make_checkpoint
+    from checkpoints import make_checkpoint, write_processor_files
 
     root = tmp_path_factory.mktemp("mlx-vlm")
     src = root / "hf"
@@ -260,17 +260,7 @@ def mlx_vlm_pair(tmp_path_factory):
         tensors[p + "v_proj.weight"] = rng.standard_normal((32, 64)).astype(np.float32) * 0.1
         tensors[p + "k_norm.weight"] = np.ones(16, np.float32)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    tok = json.loads((src / "tokenizer_config.json").read_text())
-    tok["extra_special_tokens"] = {
-        "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "boi_token": "<start_of_image>",
-        "eoa_token": "<end_of_audio>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-    (src / "tokenizer_config.json").write_text(json.dumps(tok))
-    from transformers import Gemma3nAudioFeatureExtractor
-
-    Gemma3nAudioFeatureExtractor().save_pretrained(src)
-    pre = json.loads((src / "preprocessor_config.json").read_text())
-    pre.update(image_processor_type="SiglipImageProcessor", processor_class="Gemma3nProcessor")
-    (src / "preprocessor_config.json").write_text(json.dumps(pre))
+    write_processor_files(src)
 
     # mlx-vlm builds the full-size MobileNet-V5 whatever vision_config.model_args says; our tiny
     # tower (channel_multiplier 0.25) is loaded into it non-strictly, and saved as it came.

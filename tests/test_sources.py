@@ -113,17 +113,6 @@ def run_with_deadline(fn, timeout: float):
     return not t.is_alive(), box.get("error", box.get("result"))
 
 
-@pytest.fixture
-def no_leftover_threads():
-    """After the test, the number of Python threads returns to what it was before."""
-    baseline = threading.active_count()
-    yield
-    deadline = time.monotonic() + 5.0
-    while threading.active_count() > baseline and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert threading.active_count() == baseline, f"threads left running: {threading.enumerate()}"
-
-
 # --------------------------------------------------------------------------------------
 # Microphone through a real (virtual) audio device
 # --------------------------------------------------------------------------------------

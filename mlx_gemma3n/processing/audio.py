@@ -486,6 +486,16 @@ def _decode(data, head: bytes, what: str) -> tuple[np.ndarray, int]:
     return x, rate
 
 
+def as_samples(clip) -> np.ndarray:
+    """A clip given the ways the API takes one: a path, bytes, an (array, sample_rate) pair, or an
+    array already at 16 kHz mono; as 16 kHz mono float32."""
+    if isinstance(clip, tuple):
+        return load_audio(*clip)
+    if isinstance(clip, np.ndarray):
+        return load_audio(clip, SAMPLE_RATE)
+    return load_audio(clip)
+
+
 def load_audio(source, sample_rate: int | None = None) -> np.ndarray:
     """Any audio as float32 mono samples at 16 kHz.
 
