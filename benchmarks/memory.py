@@ -72,8 +72,9 @@ def child(args) -> dict:
             frames = 3000  # 30 s of log-mel at a 10 ms hop
             features = mx.array(rng.standard_normal((1, frames, 128), dtype=np.float32))
             image = model.embed_image(pixels)
+            mx.eval(image)  # one tower at a time, as generate.Media does
             audio = model.embed_audio_features(features, mx.zeros((1, frames), dtype=mx.bool_))
-            mx.eval(image, audio)
+            mx.eval(audio)
             ids = ([2] + prompt[: len(prompt) // 2] + [c.boi_token_id] + [c.image_token_id] * image.shape[1]
                    + [c.eoi_token_id, c.boa_token_id] + [c.audio_token_id] * audio.shape[1] + [c.eoa_token_id]
                    + prompt[len(prompt) // 2 :])

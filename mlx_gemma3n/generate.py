@@ -67,13 +67,17 @@ class Media:
     audio_rows: mx.array | None = None
 
     def add(self, model, images=(), audio=()) -> None:
-        if images:
-            rows = model.embed_image(mx.array(preprocess_images(images))).reshape(-1, model.config.text.hidden_size)
+        # One tower call at a time, each evaluated before the next: the peak memory is that of
+        # the largest call, not the sum (a 768x768 image's activations are the biggest).
+        dims = model.config.text.hidden_size
+        for image in images:
+            rows = model.embed_image(mx.array(preprocess_images([image]))).reshape(-1, dims)
+            mx.eval(rows)
             self.image_rows = rows if self.image_rows is None else mx.concatenate([self.image_rows, rows])
         if audio:
             features, valid = log_mel_batch(audio)
-            rows = model.embed_audio_features(mx.array(features), mx.array(~valid))
-            rows = rows.reshape(-1, model.config.text.hidden_size)
+            rows = model.embed_audio_features(mx.array(features), mx.array(~valid)).reshape(-1, dims)
+            mx.eval(rows)
             self.audio_rows = rows if self.audio_rows is None else mx.concatenate([self.audio_rows, rows])
         mx.eval(self.image_rows, self.audio_rows)
 
