@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import virtual_audio  # noqa: E402
 from checkpoints import make_checkpoint  # noqa: E402
 
 
@@ -27,3 +28,13 @@ def no_leftover_threads():
     while threading.active_count() > baseline and time.monotonic() < deadline:
         time.sleep(0.02)
     assert threading.active_count() == baseline, f"threads left running: {threading.enumerate()}"
+
+
+@pytest.fixture(scope="module")
+def virtual_mic():
+    """A private PulseAudio daemon whose default source is a virtual microphone we can play into."""
+    reason = virtual_audio.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with virtual_audio.VirtualMicrophone() as mic:
+        yield mic

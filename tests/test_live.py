@@ -123,15 +123,6 @@ def of(events, kind):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def virtual_mic():
-    reason = virtual_audio.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with virtual_audio.VirtualMicrophone() as mic:
-        yield mic
-
-
 def live_from_microphone(vm, model, tokenizer, signal, *, busy_at=None, busy_s=0.0, **mic_options):
     """Transcribe `signal` played into the virtual microphone (starting once audio flows), until
     0.5 s after it ends. With `busy_at`, the consumer stalls `busy_s` when the stream reaches

@@ -118,15 +118,6 @@ def run_with_deadline(fn, timeout: float):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def virtual_mic():
-    reason = virtual_audio.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with virtual_audio.VirtualMicrophone() as mic:
-        yield mic
-
-
 def capture_while_playing(mic: MicrophoneSource, vm, signal: np.ndarray, busy_s: float = 0.0):
     """Chunks captured from `mic` while `signal` plays into the virtual microphone, and 0.5 s after.
 
