@@ -6,15 +6,11 @@ from __future__ import annotations
 from ..config import ModelConfig
 
 
-def media_item(kind: str) -> dict:
-    return {"type": kind}
-
-
 def user_content(text: str, images: int = 0, audio: int = 0) -> str | list[dict]:
     """A user message's content: attachments first, then the text (the order the published examples use)."""
     if not images and not audio:
         return text
-    return [media_item("image")] * images + [media_item("audio")] * audio + [{"type": "text", "text": text}]
+    return [{"type": "image"}] * images + [{"type": "audio"}] * audio + [{"type": "text", "text": text}]
 
 
 def expand_media(text: str, tokenizer, config: ModelConfig) -> str:
@@ -27,13 +23,6 @@ def expand_media(text: str, tokenizer, config: ModelConfig) -> str:
         placeholder = name(token_id)
         text = text.replace(placeholder, f"\n\n{name(begin)}{placeholder * count}{name(end)}\n\n")
     return text
-
-
-def count_media(tokens: list[int], config: ModelConfig) -> tuple[int, int]:
-    """(images, audio clips) whose soft tokens `tokens` holds."""
-    images = sum(t == config.image_token_id for t in tokens) // config.vision_soft_tokens_per_image
-    audio = sum(t == config.audio_token_id for t in tokens) // config.audio_soft_tokens_per_image
-    return images, audio
 
 
 def encode(tokenizer, config: ModelConfig, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
