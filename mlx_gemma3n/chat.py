@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .generate import ChatSession, _add_sampling_args, load_from_args, sampling_from_args
+from .generate import ChatSession, add_sampling_args, load_from_args, sampling_from_args
 
 HELP = """Commands:
   /image PATH     attach an image (file or URL) to your next message
@@ -118,7 +118,7 @@ class Chat:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.chat", description="Chat with Gemma 3n.")
-    _add_sampling_args(parser)
+    add_sampling_args(parser)
     parser.set_defaults(max_tokens=1024)
     parser.add_argument("--speed", action="store_true", help="show tokens/s after each reply")
     args = parser.parse_args(argv)

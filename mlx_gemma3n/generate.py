@@ -294,7 +294,7 @@ class ChatSession:
             self.cache, self.cached_tokens = self.model.make_cache(), []
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temp", type=float, default=DEFAULT_TEMPERATURE, help="0 for greedy")
@@ -319,7 +319,7 @@ def load_from_args(args):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.generate", description="Generate a reply from Gemma 3n.")
-    _add_sampling_args(parser)
+    add_sampling_args(parser)
     parser.add_argument("--prompt", required=True, help="the user message ('-' reads standard input)")
     parser.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     parser.add_argument("--verbose", action="store_true", help="print prompt and generation speed")

@@ -18,19 +18,6 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 
 
-class QuantizedScaledEmbedding(nn.QuantizedEmbedding):
-    """A quantized `ScaledEmbedding`: dequantized rows times the constant, rounded to the rows'
-    dtype as the reference does. `as_linear` (the tied output head) is unscaled, as in bf16."""
-
-    def __init__(self, num_embeddings: int, dims: int, scale: float, group_size: int, bits: int):
-        super().__init__(num_embeddings, dims, group_size=group_size, bits=bits)
-        self.scale = scale
-
-    def __call__(self, ids: mx.array) -> mx.array:
-        rows = super().__call__(ids)
-        return rows * mx.array(self.scale, dtype=rows.dtype)
-
-
 def quantized_shape_info(weight_shape, scales_shape, in_dims: int) -> tuple[int, int] | None:
     """(bits, group_size) of an affine-quantized (rows, in_dims) matrix, from its stored shapes;
     None if the shapes are not a quantization of that matrix."""
@@ -46,45 +33,27 @@ def quantized_shape_info(weight_shape, scales_shape, in_dims: int) -> tuple[int,
 def apply_quantization(module: nn.Module, weights: dict[str, mx.array], what: str = "model") -> None:
     """Replace every Linear/Embedding of `module` whose weights come with `scales` by its MLX
     quantized counterpart, with the bits and group size its stored shapes imply."""
-    from .model.text import ScaledEmbedding
-
     quantized = {name[: -len(".scales")] for name in weights if name.endswith(".scales")}
-    if not quantized:
-        return
-    found = set()
-    replacements = []
-    for path, m in module.named_modules():
+    if missing := sorted(quantized - {path for path, _ in module.named_modules()}):
+        raise ValueError(f"The {what} stores quantized weights for layers it does not have (e.g. {missing[0]}).")
+
+    def params(path: str, m: nn.Module):
         if path not in quantized:
-            continue
+            return False
         if not isinstance(m, (nn.Linear, nn.Embedding)):
             raise ValueError(f"The {what} stores {path} quantized, but it is not a linear or embedding layer.")
-        out_dims, in_dims = m.weight.shape
-        info = quantized_shape_info(weights[path + ".weight"].shape, weights[path + ".scales"].shape, in_dims)
-        if info is None:
-            raise ValueError(
-                f"The {what} stores {path} quantized with shapes {tuple(weights[path + '.weight'].shape)} / "
-                f"{tuple(weights[path + '.scales'].shape)}, which do not fit a ({out_dims}, {in_dims}) weight."
-            )
         if path + ".biases" not in weights:
             raise ValueError(f"The {what} stores {path} quantized without biases: only affine quantization is supported.")
-        bits, group_size = info
-        if isinstance(m, ScaledEmbedding):
-            q = QuantizedScaledEmbedding(out_dims, in_dims, m.scale, group_size, bits)
-        else:
-            q = m.to_quantized(group_size=group_size, bits=bits)
-        replacements.append((path, q))
-        found.add(path)
-    if missing := sorted(quantized - found):
-        raise ValueError(f"The {what} stores quantized weights for layers it does not have (e.g. {missing[0]}).")
-    for path, q in replacements:
-        *parents, leaf = path.split(".")
-        node = module
-        for key in parents:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        if isinstance(node, list):
-            node[int(leaf)] = q
-        else:
-            setattr(node, leaf, q)
+        shapes = weights[path + ".weight"].shape, weights[path + ".scales"].shape
+        info = quantized_shape_info(*shapes, m.weight.shape[1])
+        if info is None:
+            raise ValueError(
+                f"The {what} stores {path} quantized with shapes {tuple(shapes[0])} / {tuple(shapes[1])}, "
+                f"which do not fit a {tuple(m.weight.shape)} weight."
+            )
+        return {"bits": info[0], "group_size": info[1]}
+
+    nn.quantize(module, class_predicate=params)
 
 
 # Recipes. A recipe maps our module path (a Linear or Embedding weight) to its bits, or None

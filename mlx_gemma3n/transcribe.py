@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .generate import SamplingOptions, _add_sampling_args, load_from_args, stream_generate
+from .generate import SamplingOptions, add_sampling_args, load_from_args, sampling_from_args, stream_generate
 from .processing.audio import MAX_SAMPLES, SAMPLE_RATE, as_samples
 from .sources.segment import split_on_silence
 
@@ -123,7 +123,7 @@ def transcribe(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.transcribe", description="Transcribe or translate speech.")
-    _add_sampling_args(parser)
+    add_sampling_args(parser)
     parser.set_defaults(temp=0.0)
     parser.add_argument("audio", help="an audio file (WAV, FLAC, OGG, MP3, ...)")
     parser.add_argument("--language", default=None, help="the spoken language, e.g. English (optional)")
@@ -136,8 +136,7 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         result = transcribe(
             model, tokenizer, args.audio, language=args.language, translate_to=args.translate_to,
-            max_tokens_per_clip=args.max_tokens, sampling=SamplingOptions(args.temp, args.top_k, args.top_p, args.min_p,
-                                                                          args.repetition_penalty, args.seed),
+            max_tokens_per_clip=args.max_tokens, sampling=sampling_from_args(args),
             progress=sys.stderr.isatty(),
         )
         seconds = time.perf_counter() - began

@@ -119,10 +119,8 @@ class Checkpoint:
 
     path: Path
     config: ModelConfig
-    shapes: dict[str, tuple[int, ...]]  # checkpoint name -> shape
-    files: dict[str, Path]  # checkpoint name -> file
+    locations: dict[str, TensorLocation]  # checkpoint name -> file, offset, dtype, shape
     opened: set[Path] = field(default_factory=set)  # files read so far (towers load on demand)
-    locations: dict[str, TensorLocation] = field(default_factory=dict)  # checkpoint name -> bytes on disk
     read_names: set[str] = field(default_factory=set)  # checkpoint names read so far
     layout: str = "hf"  # "hf" (Hugging Face's names and layouts; also ours) or "mlx-vlm"
 
@@ -147,7 +145,7 @@ class Checkpoint:
             files = sorted(path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{path} holds no .safetensors weights.")
-        shapes, where, locations = {}, {}, {}
+        locations = {}
         fingerprint = model_fingerprint(config.raw)
         for file in files:
             header, metadata, data_start = _safetensors_header(file, with_layout=True)
@@ -158,20 +156,20 @@ class Checkpoint:
                     "(its model fingerprint differs): convert the checkpoint again into an empty directory."
                 )
             for name, info in header.items():
-                shapes[name], where[name] = tuple(info["shape"]), file
-                locations[name] = TensorLocation(file, data_start + info["data_offsets"][0], info["dtype"], shapes[name])
-        layout = "mlx-vlm" if any(n.startswith("language_model.model.") for n in shapes) else "hf"
-        return cls(path, config, shapes, where, locations=locations, layout=layout)
+                offset = data_start + info["data_offsets"][0]
+                locations[name] = TensorLocation(file, offset, info["dtype"], tuple(info["shape"]))
+        layout = "mlx-vlm" if any(n.startswith("language_model.model.") for n in locations) else "hf"
+        return cls(path, config, locations, layout=layout)
 
     @property
     def quantized(self) -> bool:
-        return any(name.endswith(".scales") for name in self.shapes)
+        return any(name.endswith(".scales") for name in self.locations)
 
     def names_for(self, ours: str) -> dict[str, str]:
         """Checkpoint names of the tensors of our module path `ours` (a suffix -> name map:
         "weight", and "scales"/"biases" when quantized)."""
         found = {}
-        for name in self.shapes:
+        for name in self.locations:
             mapped = self.our_name(name)
             if mapped is not None and mapped.startswith(ours + "."):
                 found[mapped[len(ours) + 1:]] = name
@@ -200,10 +198,10 @@ class Checkpoint:
         """Every tensor whose (our) name starts with `prefix` (and not with one of `skip`),
         lazily, named below the prefix. Records which files and tensors were read."""
         wanted = {}
-        for name in self.shapes:
+        for name, where in self.locations.items():
             ours = self.our_name(name)
             if ours is not None and ours.startswith(prefix) and not ours.startswith(skip):
-                wanted.setdefault(self.files[name], {})[name] = ours[len(prefix):]
+                wanted.setdefault(where.file, {})[name] = ours[len(prefix):]
         out = {}
         for file, names in wanted.items():
             self.opened.add(file)

@@ -18,7 +18,8 @@ from mlx_gemma3n.config import load_config
 from mlx_gemma3n.convert import ConvertError, convert, main
 from mlx_gemma3n.loading import load, load_model, preload_towers, unload_towers
 from mlx_gemma3n.ple import PerLayerEmbeddings
-from mlx_gemma3n.quantize import QuantizedScaledEmbedding, kl_divergence
+from mlx_gemma3n.model.text import QuantizedScaledEmbedding
+from mlx_gemma3n.quantize import kl_divergence
 from mlx_gemma3n.weights import CheckpointError
 
 # Text ids, special tokens and the audio/vision placeholder ids (beyond the PLE vocabulary).

@@ -45,6 +45,21 @@ class ScaledEmbedding(nn.Embedding):
         rows = super().__call__(ids)
         return rows * mx.array(self.scale, dtype=rows.dtype)
 
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine", **_):
+        return QuantizedScaledEmbedding(*self.weight.shape, self.scale, group_size, bits, mode)
+
+
+class QuantizedScaledEmbedding(nn.QuantizedEmbedding):
+    """A quantized `ScaledEmbedding`. `as_linear` (the tied output head) is unscaled, as there."""
+
+    def __init__(self, num_embeddings: int, dims: int, scale: float, group_size: int, bits: int, mode: str = "affine"):
+        super().__init__(num_embeddings, dims, group_size=group_size, bits=bits, mode=mode)
+        self.scale = scale
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        rows = super().__call__(ids)
+        return rows * mx.array(self.scale, dtype=rows.dtype)
+
 
 class Laurel(nn.Module):
     """Learned augmented residual: a low-rank side path around the normed input."""
