@@ -208,7 +208,7 @@ def kl_table(root: Path, prompts: int, tokens: int, log=print) -> list[tuple[str
                 shape = m.weight.shape
                 total += m.weight.size
                 b = recipe_bits(full, bits, recipe, overrides)
-                if b and quantizable(full, shape, 64):
+                if b and quantizable(shape, 64):
                     m.weight = fake_quantize(m.weight, b, 64)
                     quantized += m.weight.size * (b + 0.5) / 16  # bits + bf16 scale/bias per 64, in bf16 units
                 else:

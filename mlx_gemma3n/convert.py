@@ -75,9 +75,9 @@ class _Tensor:
         return sum(_SIZE[d] * int(np.prod(s)) for _, d, s in self.outputs())
 
 
-def _module_kinds(config) -> dict[str, type]:
-    """Our module path -> class, for every Linear/Embedding of the model and its towers (built
-    lazily: MLX allocates nothing until parameters are evaluated)."""
+def _quantizable_modules(config) -> set[str]:
+    """Our module paths of every Linear/Embedding of the model and its towers (built lazily:
+    MLX allocates nothing until parameters are evaluated)."""
     from .model.audio import AudioTower
     from .model.gemma3n import Gemma3n
     from .model.vision import VisionTower
@@ -85,7 +85,7 @@ def _module_kinds(config) -> dict[str, type]:
     net = Gemma3n(config)
     net.audio_tower = AudioTower(config.audio)
     net.vision_tower = VisionTower(config.vision)
-    return {path: type(m) for path, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    return {path for path, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
 
 
 def plan(
@@ -98,7 +98,7 @@ def plan(
     dtype: str | None = None,
 ) -> list[_Tensor]:
     """What every tensor of `checkpoint` becomes in the converted output."""
-    layers = _module_kinds(checkpoint.config) if quantize or ple_bits else {}
+    layers = _quantizable_modules(checkpoint.config) if quantize or ple_bits else set()
     tensors = []
     for name, where in checkpoint.locations.items():
         ours = checkpoint.our_name(name)
@@ -114,7 +114,7 @@ def plan(
             file = "model"
         t = _Tensor(name, where, file, dtype or where.dtype)
         module, _, leaf = ours.rpartition(".")
-        if leaf == "weight" and module in layers and quantizable(ours, where.shape, group_size):
+        if leaf == "weight" and module in layers and quantizable(where.shape, group_size):
             if module == PLE_NAME:
                 t.bits = ple_bits
             elif quantize:

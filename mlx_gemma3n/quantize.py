@@ -91,7 +91,7 @@ def recipe_bits(path: str, bits: int, recipe: str = "uniform", overrides: dict[s
     return bits
 
 
-def quantizable(path: str, shape: tuple[int, ...], group_size: int) -> bool:
+def quantizable(shape: tuple[int, ...], group_size: int) -> bool:
     """A 2-D Linear/Embedding weight whose rows split into whole groups (the PLE table is handled
     by the PLE store, the towers' convolution kernels are not matrices)."""
     return len(shape) == 2 and shape[-1] % group_size == 0 and shape[-1] >= group_size
