@@ -10,6 +10,10 @@ group 64). Each configuration runs in its own subprocess, so each peak RSS (VmHW
 "MLX peak" is mx.get_peak_memory(). The issue asks for 512 + 128 tokens; MLX's CPU quantized
 matmul is slow for many rows, so the prompt length is a flag (weights dominate memory anyway).
 
+MLX's CUDA back-end compiles some kernels (quantized matmuls among them) the first time a
+machine needs them and caches them on disk; that first compilation costs seconds and gigabytes
+of host memory once. `--warmup` runs every configuration once, unmeasured, before measuring it.
+
 PyTorch is not a dependency of mlx_gemma3n, but transformers (the tokenizer, through mlx-lm)
 imports it whenever it is installed, which costs ~0.5 GB of RSS. Children therefore run with
 torch hidden (--with-torch to keep it), as on a machine without it; the table says which.
@@ -64,6 +68,7 @@ def child(args) -> dict:
         from mlx_gemma3n.loading import load_model
 
         model, _ = load_model(args.model, dtype=mx.bfloat16)
+        model.keep_towers = not args.release_towers
         config = model.config
         embeddings = None
         if args.media:
@@ -75,6 +80,8 @@ def child(args) -> dict:
             mx.eval(image)  # one tower at a time, as generate.Media does
             audio = model.embed_audio_features(features, mx.zeros((1, frames), dtype=mx.bool_))
             mx.eval(audio)
+            if args.release_towers:
+                mx.clear_cache()  # as generate.Media does
             ids = ([2] + prompt[: len(prompt) // 2] + [c.boi_token_id] + [c.image_token_id] * image.shape[1]
                    + [c.eoi_token_id, c.boa_token_id] + [c.audio_token_id] * audio.shape[1] + [c.eoa_token_id]
                    + prompt[len(prompt) // 2 :])
@@ -172,9 +179,35 @@ def _mlx_vlm_conversion(root: Path, log) -> Path:
 
 # ----------------------------------------------------------------------------- KL of recipes
 
-def kl_table(root: Path, prompts: int, tokens: int, log=print) -> list[tuple[str, float, float]]:
-    """KL(bf16 || quantized) of each recipe on the random E2B, with weights rounded through the
-    quantizer (fake quantization: the values a quantized layer uses, run with float kernels)."""
+# Groups of text-decoder weights (our module paths) whose sensitivity the KL table measures.
+KL_GROUPS = {
+    "embedding + output head": r"^language_model\.embed_tokens$",
+    "attention q/k/v/o": r"\.self_attn\.",
+    "MLP": r"\.mlp\.",
+    "per-layer input paths": r"per_layer",
+    "AltUp projections + router": r"altup",
+    "Laurel": r"\.laurel\.",
+}
+
+
+def condition(text_model, branch_gain: float) -> None:
+    """Scale the norms at the end of every residual branch by `branch_gain`.
+
+    A random decoder is chaotic: each of its 30 layers adds unit-size branches to the stream,
+    and rounding one matrix of the first layer to 8 bits already moves the logits by 0.16 nats
+    of KL, as much as quantizing everything. A trained network is not like that, and a chaotic
+    proxy ranks nothing. With smaller branches the logits respond smoothly to weight error, so
+    the KL of a recipe says how far its rounding error travels."""
+    for layer in text_model.layers:
+        for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm,
+                     layer.post_per_layer_input_norm, layer.laurel.post_laurel_norm):
+            norm.weight = norm.weight * branch_gain
+
+
+def kl_table(root: Path, prompts: int, tokens: int, branch_gain: float) -> list[tuple[str, float, float]]:
+    """KL(bf16 weights || quantized weights) of each recipe on the random E2B, conditioned as
+    `condition` says. Weights are rounded through the quantizer (the values a quantized layer
+    multiplies with) and everything runs in float32, so quantization is the only error."""
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
@@ -182,48 +215,48 @@ def kl_table(root: Path, prompts: int, tokens: int, log=print) -> list[tuple[str
     from mlx_gemma3n.loading import load_model
     from mlx_gemma3n.quantize import fake_quantize, kl_divergence, quantizable, recipe_bits
 
-    rng = np.random.default_rng(0)
-    batch = mx.array(rng.integers(1000, 200_000, size=(prompts, tokens)))
-    model, _ = load_model(root / "E2B", dtype=mx.bfloat16)
-    reference = model(batch).astype(mx.float32)
+    group_size = 64
+    batch = mx.array(np.random.default_rng(0).integers(1000, 200_000, size=(prompts, tokens)))
+    model, _ = load_model(root / "E2B", dtype=mx.float32)
+    text = model.language_model
+    condition(text, branch_gain)
+    originals = {"language_model." + path: (m, m.weight.astype(mx.bfloat16))
+                 for path, m in text.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    reference = model(batch)
     mx.eval(reference)
-    groups = {
-        "embed_tokens (and head)": r"^language_model\.embed_tokens$",
-        "attention": r"\.self_attn\.",
-        "mlp": r"\.mlp\.",
-        "per-layer paths": r"per_layer",
-        "altup + laurel": r"(altup|laurel)",
-    }
-    candidates = [("uniform 4-bit", "uniform", 4, {}), ("uniform 8-bit", "uniform", 8, {}),
-                  ("mixed (4-bit, sensitive at 8)", "mixed", 4, {})]
-    for name, pattern in groups.items():
-        candidates.append((f"4-bit, {name} at 8", "uniform", 4, {pattern: 8}))
+
+    candidates = [("uniform 8-bit", lambda path: 8), ("uniform 4-bit", lambda path: 4)]
+    for name, pattern in KL_GROUPS.items():
+        candidates.append((f"4-bit, {name} at 8", lambda path, p=pattern: recipe_bits(path, 4, overrides={p: 8})))
+    candidates.append(("mixed (4-bit, sensitive layers at 8)", lambda path: recipe_bits(path, 4, "mixed")))
     rows = []
-    for label, recipe, bits, overrides in candidates:
-        model, _ = load_model(root / "E2B", dtype=mx.bfloat16)
-        quantized = total = 0.0
-        for path, m in model.language_model.named_modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)) and not hasattr(m, "scales"):
-                full = "language_model." + path
-                shape = m.weight.shape
-                total += m.weight.size
-                b = recipe_bits(full, bits, recipe, overrides)
-                if b and quantizable(shape, 64):
-                    m.weight = fake_quantize(m.weight, b, 64)
-                    quantized += m.weight.size * (b + 0.5) / 16  # bits + bf16 scale/bias per 64, in bf16 units
-                else:
-                    quantized += m.weight.size
-        logits = model(batch)
-        kl = kl_divergence(reference, logits)
-        size_ratio = quantized / total
-        rows.append((label, kl, size_ratio))
-        log(f"{label:<40} KL {kl:.5f} nats   resident weights {size_ratio * 100:.1f}% of bf16")
-        del model
-        mx.clear_cache()
+    for label, bits_of in candidates:
+        stored = total = 0.0
+        for path, (module, weight) in originals.items():
+            bits = bits_of(path)
+            total += weight.size * 16
+            if bits and quantizable(weight.shape, group_size):
+                module.weight = fake_quantize(weight.astype(mx.float32), bits, group_size)
+                stored += weight.size * (bits + 32 / group_size)  # plus a bf16 scale and bias per group
+            else:
+                module.weight = weight.astype(mx.float32)
+                stored += weight.size * 16
+        kl = kl_divergence(reference, model(batch))
+        rows.append((label, kl, stored / total))
+        print(f"{label:<44} KL {kl:.2e} nats   text weights {stored / total * 100:5.1f}% of bf16", flush=True)
     return rows
 
 
 # ----------------------------------------------------------------------------- driver
+
+def _child_command(args, model: Path, impl: str, inputs: str, gen_tokens: int) -> list[str]:
+    """`inputs`: "text", "media" (an image and 30 s of audio) or "media-release" (towers released after use)."""
+    return [sys.executable, __file__, "--child", "--model", str(model), "--impl", impl,
+            "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(gen_tokens),
+            *(["--media"] if inputs.startswith("media") else []),
+            *(["--release-towers"] if inputs == "media-release" else []),
+            *(["--with-torch"] if args.with_torch else [])]
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -235,34 +268,42 @@ def main(argv=None) -> int:
     p.add_argument("--skip-bf16", action="store_true")
     p.add_argument("--skip-media", action="store_true")
     p.add_argument("--with-torch", action="store_true")
+    p.add_argument("--warmup", action="store_true", help="run each configuration once before measuring it")
     p.add_argument("--kl", action="store_true", help="print the KL table of the quantization recipes instead")
     p.add_argument("--kl-prompts", type=int, default=4)
     p.add_argument("--kl-tokens", type=int, default=16)
+    p.add_argument("--kl-branch-gain", type=float, nargs="+", default=[0.3],
+                   help="residual-branch scale(s) of the random proxy (see `condition`)")
     # internal: one configuration
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     p.add_argument("--media", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--release-towers", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return 0
     if args.kl:
         prepare(args.ckpt_root, ["E2B"], want_vlm=False)
-        kl_table(args.ckpt_root, args.kl_prompts, args.kl_tokens)
+        for gain in args.kl_branch_gain:
+            print(f"KL vs bf16 weights, random E2B with residual branches x{gain}, {args.kl_prompts} prompts x "
+                  f"{args.kl_tokens} tokens, group size 64:")
+            kl_table(args.ckpt_root, args.kl_prompts, args.kl_tokens, gain)
         return 0
 
     paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer)
     runs = []
     for size in args.sizes:
         if not args.skip_bf16:
-            runs.append((f"{size} bf16 text (ours)", paths[size], "ours", False))
-        runs.append((f"{size} 4-bit text (ours)", paths[f"{size}-4bit"], "ours", False))
+            runs.append((f"{size} bf16 text (ours)", paths[size], "ours", "text"))
+        runs.append((f"{size} 4-bit text (ours)", paths[f"{size}-4bit"], "ours", "text"))
         if size == "E2B" and not args.skip_peer:
-            runs.append(("E2B mlx-vlm 4-bit text (ours)", paths["E2B-vlm-4bit"], "ours", False))
-            runs.append(("E2B mlx-vlm 4-bit text (mlx-vlm)", paths["E2B-vlm-4bit"], "mlx-vlm", False))
+            runs.append(("E2B mlx-vlm 4-bit text (ours)", paths["E2B-vlm-4bit"], "ours", "text"))
+            runs.append(("E2B mlx-vlm 4-bit text (mlx-vlm)", paths["E2B-vlm-4bit"], "mlx-vlm", "text"))
         if size == "E2B" and not args.skip_media:
-            runs.append(("E2B 4-bit image+30s audio (ours)", paths["E2B-4bit"], "ours", True))
+            runs.append(("E2B 4-bit image+30s audio (ours)", paths["E2B-4bit"], "ours", "media"))
+            runs.append(("  same, towers released after use", paths["E2B-4bit"], "ours", "media-release"))
     from mlx_gemma3n.config import load_config
 
     print(f"prompt {args.prompt_tokens} tokens + {args.gen_tokens} generated; torch "
@@ -274,12 +315,10 @@ def main(argv=None) -> int:
               f"({kv['full_layers']} full-attention layers)")
     header = f"{'configuration':<36} {'peak RSS GB':>11} {'MLX peak GB':>11} {'load->1st tok s':>15} {'decode tok/s':>12}"
     print(header, flush=True)
-    for label, path, impl, media in runs:
-        cmd = [sys.executable, __file__, "--child", "--model", str(path), "--impl", impl,
-               "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
-        cmd += ["--media"] if media else []
-        cmd += ["--with-torch"] if args.with_torch else []
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+    for label, path, impl, inputs in runs:
+        if args.warmup:
+            subprocess.run(_child_command(args, path, impl, inputs, gen_tokens=2), capture_output=True)
+        proc = subprocess.run(_child_command(args, path, impl, inputs, args.gen_tokens), capture_output=True, text=True)
         result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
         if result is None:
             print(f"{label:<36} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", flush=True)

@@ -80,6 +80,8 @@ class Media:
             mx.eval(rows)
             self.audio_rows = rows if self.audio_rows is None else mx.concatenate([self.audio_rows, rows])
         mx.eval(self.image_rows, self.audio_rows)
+        if not model.keep_towers:
+            mx.clear_cache()  # hand the released towers' memory back, not only to MLX's cache
 
     def embeddings(self, model, tokens: list[int], start: int) -> mx.array | None:
         """Embeddings of `tokens[start:]` with the soft tokens in place; None when it holds no attachment."""
@@ -305,6 +307,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--release-towers", action="store_true",
+                        help="free the image/audio towers after each use (least memory; the next attachment reads them again)")
 
 
 def sampling_from_args(args) -> SamplingOptions:
@@ -314,13 +318,15 @@ def sampling_from_args(args) -> SamplingOptions:
 def load_from_args(args):
     from .loading import load
 
-    return load(args.model, dtype=getattr(mx, args.dtype))
+    return load(args.model, dtype=getattr(mx, args.dtype), keep_towers=not args.release_towers)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.generate", description="Generate a reply from Gemma 3n.")
     add_sampling_args(parser)
     parser.add_argument("--prompt", required=True, help="the user message ('-' reads standard input)")
+    parser.add_argument("--image", action="append", default=[], help="attach an image (path or URL); repeatable")
+    parser.add_argument("--audio", action="append", default=[], help="attach an audio file; repeatable")
     parser.add_argument("--raw", action="store_true", help="send the prompt without the chat template")
     parser.add_argument("--verbose", action="store_true", help="print prompt and generation speed")
     args = parser.parse_args(argv)
@@ -329,8 +335,8 @@ def main(argv=None) -> int:
         model, tokenizer = load_from_args(args)
         last = None
         for last in stream_generate(
-            model, tokenizer, prompt, max_tokens=args.max_tokens, system=args.system, raw=args.raw,
-            sampling=sampling_from_args(args),
+            model, tokenizer, prompt, images=args.image, audio=args.audio, max_tokens=args.max_tokens,
+            system=args.system, raw=args.raw, sampling=sampling_from_args(args),
         ):
             print(last.text, end="", flush=True)
         print()

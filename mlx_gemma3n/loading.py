@@ -110,12 +110,19 @@ def _eos_ids(checkpoint: Checkpoint) -> list[int]:
 
 
 def load(
-    model: str | Path, dtype: mx.Dtype = mx.bfloat16, lazy_ple: bool = True, preload: tuple[str, ...] = ()
+    model: str | Path,
+    dtype: mx.Dtype = mx.bfloat16,
+    lazy_ple: bool = True,
+    preload: tuple[str, ...] = (),
+    keep_towers: bool = True,
 ) -> tuple[Gemma3n, TokenizerWrapper]:
     """Load a Gemma 3n checkpoint (directory or Hugging Face repo id: original, converted by
     `mlx_gemma3n.convert`, or an mlx-vlm conversion) and its tokenizer. Towers load on first
-    use unless named in `preload` ("audio", "vision")."""
+    use unless named in `preload` ("audio", "vision"), and stay loaded unless `keep_towers` is
+    False: then each is released after each use (least memory; the next image or audio reads
+    it again)."""
     net, checkpoint = load_model(model, dtype, lazy_ple)
+    net.keep_towers = keep_towers
     if not (checkpoint.path / "tokenizer.json").exists() and not (checkpoint.path / "tokenizer.model").exists():
         raise CheckpointError(f"{checkpoint.path} has no tokenizer.json or tokenizer.model: copy the tokenizer files in.")
     tokenizer = load_tokenizer(checkpoint.path, eos_token_ids=_eos_ids(checkpoint))

@@ -115,3 +115,22 @@ def test_image_chat_turn_then_text_turn_reuses_the_cache(loaded):
                                             sampling=SamplingOptions(temperature=0.0),
                                             input_embeddings=session.media.embeddings(model, session.last_prompt, 0))]
     assert second == fresh
+
+
+def test_towers_released_after_use_give_their_memory_back_and_the_same_reply(tiny, loaded):
+    from mlx.utils import tree_flatten
+
+    kept, tokenizer = loaded
+    released, _ = load(tiny[0], dtype=mx.float32, keep_towers=False)
+
+    def reply(model):
+        return [r.token for r in stream_generate(model, tokenizer, "what is this", images=[gradient_image(2)],
+                                                 audio=[speech_like(1.0, 4)], max_tokens=6, temperature=0.0)]
+
+    expected = reply(kept)
+    tower_bytes = sum(v.nbytes for kind in ("vision_tower", "audio_tower") for _, v in tree_flatten(kept[kind].parameters()))
+    before = mx.get_active_memory()
+    assert reply(released) == expected
+    assert "vision_tower" not in released and "audio_tower" not in released
+    assert mx.get_active_memory() - before < tower_bytes / 10, "the released towers' weights are still held"
+    assert reply(released) == expected  # and they are read again on the next use

@@ -20,8 +20,11 @@ class Gemma3n(nn.Module):
         self.embed_vision = MultimodalEmbedder(config.vision, config.text.hidden_size)
         self.embed_audio = MultimodalEmbedder(config.audio, config.text.hidden_size)
         # The towers are built and loaded when their input first appears: `load_tower(kind)` is
-        # given by whoever reads the weights (this module reads no files).
+        # given by whoever reads the weights (this module reads no files). With `keep_towers`
+        # off, a tower is dropped again after each use: the smallest footprint, at the cost of
+        # reading it again for the next image or audio.
         self.load_tower = None
+        self.keep_towers = True
 
     def tower(self, kind: str) -> nn.Module:
         """The "vision" or "audio" tower, loaded on first use."""
@@ -34,6 +37,12 @@ class Gemma3n(nn.Module):
 
     def unload_tower(self, kind: str) -> None:
         self.pop(f"{kind}_tower", None)
+
+    def _run_tower(self, kind: str, *inputs):
+        outputs = self.tower(kind)(*inputs)
+        if not self.keep_towers:
+            self.unload_tower(kind)  # its weights go once the pending outputs are evaluated
+        return outputs
 
     # mlx-lm's generation loop drives the model through these three.
     @property
@@ -75,7 +84,7 @@ class Gemma3n(nn.Module):
 
     def embed_image(self, pixel_values: mx.array) -> mx.array:
         """(N, H, W, 3) pixels -> (N, 256, text hidden) soft tokens in the text space."""
-        tokens = self.tower("vision")(pixel_values)
+        tokens = self._run_tower("vision", pixel_values)
         tokens = tokens * mx.array(self.config.vision.hidden_size**0.5, dtype=tokens.dtype)
         return self.embed_vision(soft_tokens=tokens)
 
@@ -83,7 +92,7 @@ class Gemma3n(nn.Module):
         """(N, T, mels) log-mel frames with their padding mask -> (N, audio_soft_tokens, text hidden).
         Padded positions, and the slots the prompt reserved beyond the encoder's output, hold the
         embedding of the last audio id, as in the reference."""
-        encodings, padded = self.tower("audio")(features, padding)
+        encodings, padded = self._run_tower("audio", features, padding)
         soft = self.embed_audio(soft_tokens=encodings)
         filler = self.embed_audio(ids=mx.array([[self.config.text.vocab_size - 1]])).astype(soft.dtype)
         soft = mx.where(padded[..., None], filler, soft)

@@ -37,6 +37,7 @@ ARCH_300M = [
 ]
 
 NORM_EPS = 1e-6  # timm's RmsNorm2d default; the checkpoint config does not carry it
+LARGE_MAP_STAGES = 2  # stages at 1/4 and 1/8 of the input resolution
 MSFA_OUT_CHANNELS = 2048  # fixed in timm's MobileNetV5Encoder
 
 # timm.create_model keyword arguments (VisionConfig.model_args) that we honour.
@@ -377,6 +378,11 @@ class VisionTower(nn.Module):
         for i, stage in enumerate(self.blocks, start=1):
             for block in stage:
                 x = block(x)
+                if i <= LARGE_MAP_STAGES:
+                    # Evaluated block by block where the feature maps are large: a GPU back-end
+                    # holds the temporaries of every command in flight, and one graph of the
+                    # whole tower keeps several of these maps alive at once.
+                    mx.eval(x)
             if i in self.msfa_indices:
                 features.append(x)
         x = self.msfa(features)
