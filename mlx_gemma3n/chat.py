@@ -9,6 +9,7 @@ Ctrl-D leaves. Type /help for the commands.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .generate import ChatSession, add_sampling_args, load_from_args, sampling_from_args
@@ -122,6 +123,9 @@ def main(argv=None) -> int:
     parser.set_defaults(max_tokens=1024)
     parser.add_argument("--speed", action="store_true", help="show tokens/s after each reply")
     args = parser.parse_args(argv)
+    # Ctrl-C stops a reply: make sure it arrives even when a launcher started us with SIGINT
+    # ignored (as shells do for background jobs), which Python would otherwise keep.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         model, tokenizer = load_from_args(args)
     except (ValueError, OSError) as e:

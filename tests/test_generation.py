@@ -14,6 +14,7 @@ import soundfile
 import pytest
 
 from mlx_gemma3n import load
+from mlx_gemma3n.config import load_config
 from mlx_gemma3n.generate import ChatSession, PromptTooLong, SamplingOptions, stream_generate, stream_tokens
 from mlx_gemma3n.processing.prompt import encode
 
@@ -106,6 +107,27 @@ def test_generate_entry_point_names_a_missing_checkpoint(tmp_path):
     )
     assert out.returncode == 1
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_generate_entry_point_attaches_an_image_and_names_a_bad_one(tiny, tmp_path, capsys):
+    from PIL import Image
+
+    from mlx_gemma3n.generate import main
+
+    Image.new("RGB", (64, 48), (200, 30, 90)).save(tmp_path / "red.png")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    common = ["--model", str(tiny[0]), "--prompt", "what is this", "--max-tokens", "3", "--temp", "0",
+              "--dtype", "float32", "--verbose", "--release-towers"]
+    def prompt_tokens() -> int:
+        return int(capsys.readouterr().err.split("prompt: ")[1].split()[0])
+
+    assert main(common) == 0
+    text_only = prompt_tokens()
+    assert main(common + ["--image", str(tmp_path / "red.png")]) == 0
+    assert prompt_tokens() - text_only > load_config(tiny[0]).vision_soft_tokens_per_image  # the image is in
+    assert main(common + ["--image", str(tmp_path / "notes.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "notes.txt" in err and "Traceback" not in err
 
 
 @pytest.fixture(scope="module")

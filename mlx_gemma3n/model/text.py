@@ -218,8 +218,6 @@ def _match_magnitude(x: mx.array, target_rms: mx.array) -> mx.array:
 class TextModel(nn.Module):
     """Token ids (or their scaled embeddings) -> final normed hidden states."""
 
-    evaluate_layers_in_prefill = True
-
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
@@ -312,11 +310,12 @@ class TextModel(nn.Module):
             )
             if i in self.kv_sources:
                 shared_kv[i] = kv
-            if self.evaluate_layers_in_prefill and embeddings.shape[1] > 1 and i < c.first_kv_shared_layer - 1:
+            if embeddings.shape[1] > 1 and i < c.first_kv_shared_layer - 1 and mx.default_device() == mx.gpu:
                 # A GPU back-end holds the temporaries of every command in flight: a prompt
                 # evaluated layer by layer needs one layer's activations at a time (E2B, 512
                 # tokens, H100: 0.2 GB instead of 0.5-0.7). Only up to the layers whose caches
-                # the prompt fills, so nothing is computed that would not be used.
+                # the prompt fills, so nothing is computed that would not be used. The CPU
+                # back-end frees as it goes and gains nothing.
                 mx.eval(streams)
 
         target_rms = mx.sqrt(mx.mean(streams[0] * streams[0], axis=-1, keepdims=True))
