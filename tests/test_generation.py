@@ -118,6 +118,7 @@ def test_generate_entry_point_attaches_an_image_and_names_a_bad_one(tiny, tmp_pa
     (tmp_path / "notes.txt").write_text("not a picture")
     common = ["--model", str(tiny[0]), "--prompt", "what is this", "--max-tokens", "3", "--temp", "0",
               "--dtype", "float32", "--verbose", "--release-towers"]
+
     def prompt_tokens() -> int:
         return int(capsys.readouterr().err.split("prompt: ")[1].split()[0])
 
