@@ -225,3 +225,14 @@ def speech(text: str, rate: int = 16000, voice: str = "en") -> np.ndarray:
     if x.ndim == 2:
         x = x.mean(axis=1)
     return soxr.resample(x, r, rate).astype(np.float32) if r != rate else x.astype(np.float32)
+
+
+def assert_inside_the_pauses(found, spans, tolerance: float = 0.05) -> None:
+    """Each found utterance (with .start/.end in seconds) starts and ends within the pauses
+    around its spoken span: after the previous span, before the next one."""
+    assert len(found) == len(spans), [(u.start, u.end) for u in found]
+    for i, (u, (a, b)) in enumerate(zip(found, spans)):
+        previous_end = spans[i - 1][1] if i else 0.0
+        next_start = spans[i + 1][0] if i + 1 < len(spans) else np.inf
+        assert previous_end < u.start <= a + tolerance, f"utterance {i} starts at {u.start:.2f}, speech at {a:.2f}"
+        assert b - tolerance <= u.end < next_start, f"utterance {i} ends at {u.end:.2f}, speech at {b:.2f}"
