@@ -2,12 +2,13 @@
 of audio) and under mlx-vlm loading mlx-vlm's own conversion of the same weights, in one run.
 
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 512 --gen-tokens 128 --warmup   # on a GPU
+    python benchmarks/memory.py --ckpt-root DIR --sizes E4B --group-size 128 --skip-bf16 --prompt-tokens 512 --gen-tokens 128 --warmup
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 8 --gen-tokens 4                # on a CPU
     python benchmarks/memory.py --kl --ckpt-root DIR --kl-branch-gain 0.1 0.3 0.5  # the KL table of the recipes
 
 Checkpoints (reused when present): ROOT/E2B and ROOT/E4B (random, real names and shapes, written
-by random_checkpoint.py), ROOT/E2B-4bit (ours), ROOT/E2B-vlm-4bit (mlx-vlm's convert, 4-bit,
-group 64). Each configuration runs in its own subprocess, so each peak RSS (VmHWM) is clean;
+by random_checkpoint.py), ROOT/E2B-4bit (ours; E2B-4bit-g128 with --group-size 128),
+ROOT/E2B-vlm-4bit (mlx-vlm's convert, 4-bit, group 64). Each configuration runs in its own subprocess, so each peak RSS (VmHWM) is clean;
 "MLX peak" is mx.get_peak_memory(). The memory targets are for 512 + 128 tokens; MLX's CPU
 quantized matmul is slow for many rows, so the prompt length is a flag (weights dominate memory).
 
@@ -61,6 +62,8 @@ def child(args) -> dict:
     import numpy as np
     from mlx_lm.generate import generate_step
 
+    from mlx_gemma3n.generate import PREFILL_STEP_SIZE
+
     rss_import = _rss_mb("VmRSS")
     rng = np.random.default_rng(0)
     prompt = rng.integers(1000, 200_000, size=args.prompt_tokens).tolist()
@@ -93,7 +96,7 @@ def child(args) -> dict:
         t0 = time.perf_counter()
         cache = model.make_cache()
         for token, _ in generate_step(mx.array(prompt), model, max_tokens=args.gen_tokens, prompt_cache=cache,
-                                      prefill_step_size=512, **kw):
+                                      prefill_step_size=args.prefill_step_size or PREFILL_STEP_SIZE, **kw):
             if first is None:
                 first = time.perf_counter() - start
                 prefill_s = time.perf_counter() - t0
@@ -129,7 +132,7 @@ def child(args) -> dict:
 
 # ----------------------------------------------------------------------------- preparation
 
-def prepare(root: Path, sizes, want_vlm: bool, log=print) -> dict[str, Path]:
+def prepare(root: Path, sizes, want_vlm: bool, group_size: int = 64, log=print) -> dict[str, Path]:
     sys.path.insert(0, str(HERE))
     from random_checkpoint import write_checkpoint
 
@@ -142,11 +145,11 @@ def prepare(root: Path, sizes, want_vlm: bool, log=print) -> dict[str, Path]:
             log(f"writing a random {size} checkpoint to {src}")
             write_checkpoint(src, size, progress=log)
         paths[size] = src
-        q = root / f"{size}-4bit"
+        q = root / (f"{size}-4bit" if group_size == 64 else f"{size}-4bit-g{group_size}")
         if not (q / "config.json").exists():
             t = time.perf_counter()
-            convert(src, q, quantize=True, bits=4, group_size=64)
-            log(f"converted {size} to 4-bit in {time.perf_counter() - t:.0f} s")
+            convert(src, q, quantize=True, bits=4, group_size=group_size)
+            log(f"converted {size} to 4-bit (group size {group_size}) in {time.perf_counter() - t:.0f} s")
         paths[f"{size}-4bit"] = q
     if want_vlm and "E2B" in sizes:
         paths["E2B-vlm-4bit"] = _mlx_vlm_conversion(root, log)
@@ -216,7 +219,6 @@ def kl_table(root: Path, prompts: int, tokens: int, branch_gain: float) -> list[
     from mlx_gemma3n.loading import load_model
     from mlx_gemma3n.quantize import fake_quantize, kl_divergence, quantizable, recipe_bits
 
-    group_size = 64
     batch = mx.array(np.random.default_rng(0).integers(1000, 200_000, size=(prompts, tokens)))
     model, _ = load_model(root / "E2B", dtype=mx.float32)
     text = model.language_model
@@ -226,12 +228,13 @@ def kl_table(root: Path, prompts: int, tokens: int, branch_gain: float) -> list[
     reference = model(batch)
     mx.eval(reference)
 
-    candidates = [("uniform 8-bit", lambda path: 8), ("uniform 4-bit", lambda path: 4)]
+    candidates = [("uniform 8-bit", lambda path: 8, 64), ("uniform 4-bit", lambda path: 4, 64),
+                  ("uniform 4-bit, group size 128", lambda path: 4, 128)]
     for name, pattern in KL_GROUPS.items():
-        candidates.append((f"4-bit, {name} at 8", lambda path, p=pattern: recipe_bits(path, 4, overrides={p: 8})))
-    candidates.append(("mixed (4-bit, sensitive layers at 8)", lambda path: recipe_bits(path, 4, "mixed")))
+        candidates.append((f"4-bit, {name} at 8", lambda path, p=pattern: recipe_bits(path, 4, overrides={p: 8}), 64))
+    candidates.append(("mixed (4-bit, sensitive layers at 8)", lambda path: recipe_bits(path, 4, "mixed"), 64))
     rows = []
-    for label, bits_of in candidates:
+    for label, bits_of, group_size in candidates:
         stored = total = 0.0
         for path, (module, weight) in originals.items():
             bits = bits_of(path)
@@ -254,6 +257,7 @@ def _child_command(args, model: Path, impl: str, inputs: str, gen_tokens: int) -
     """`inputs`: "text", "media" (an image and 30 s of audio) or "media-release" (towers released after use)."""
     return [sys.executable, __file__, "--child", "--model", str(model), "--impl", impl,
             "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(gen_tokens),
+            *(["--prefill-step-size", str(args.prefill_step_size)] if args.prefill_step_size else []),
             *(["--media"] if inputs.startswith("media") else []),
             *(["--release-towers"] if inputs == "media-release" else []),
             *(["--with-torch"] if args.with_torch else [])]
@@ -265,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", default=["E2B", "E4B"])
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=64, help="group size of the 4-bit conversions")
+    p.add_argument("--prefill-step-size", type=int, help="prompt tokens per forward pass (default: mlx_gemma3n's)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--skip-bf16", action="store_true")
     p.add_argument("--skip-media", action="store_true")
@@ -289,16 +295,17 @@ def main(argv=None) -> int:
         prepare(args.ckpt_root, ["E2B"], want_vlm=False)
         for gain in args.kl_branch_gain:
             print(f"KL vs bf16 weights, random E2B with residual branches x{gain}, {args.kl_prompts} prompts x "
-                  f"{args.kl_tokens} tokens, group size 64:")
+                  f"{args.kl_tokens} tokens, group size 64 unless named:")
             kl_table(args.ckpt_root, args.kl_prompts, args.kl_tokens, gain)
         return 0
 
-    paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer)
+    paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer, group_size=args.group_size)
     runs = []
+    q_label = "" if args.group_size == 64 else f" g{args.group_size}"
     for size in args.sizes:
         if not args.skip_bf16:
             runs.append((f"{size} bf16 text (ours)", paths[size], "ours", "text"))
-        runs.append((f"{size} 4-bit text (ours)", paths[f"{size}-4bit"], "ours", "text"))
+        runs.append((f"{size} 4-bit{q_label} text (ours)", paths[f"{size}-4bit"], "ours", "text"))
         if size == "E2B" and not args.skip_peer:
             runs.append(("E2B mlx-vlm 4-bit text (ours)", paths["E2B-vlm-4bit"], "ours", "text"))
             runs.append(("E2B mlx-vlm 4-bit text (mlx-vlm)", paths["E2B-vlm-4bit"], "mlx-vlm", "text"))

@@ -27,6 +27,12 @@ from .processing.prompt import encode, expand_media, user_content
 # The published generation config's sampling.
 DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 1.0, 64, 0.95
 
+# Prompt tokens per forward pass. A GPU holds a whole layer's temporaries at once, so this sets
+# the memory a prompt adds over the weights: on an H100, E2B 4-bit, 512-token prompt, 197 MB at
+# 512 tokens a step, 108 at 256, 57-66 at 128, 44 at 64, for 4850, 3750-4150, 2570 and 1400
+# prompt tokens/s. 128 keeps E2B 4-bit under 1.5 GB and E4B (group size 128) under 2.5 GB.
+PREFILL_STEP_SIZE = 128
+
 
 class PromptTooLong(ValueError):
     """The prompt does not fit in the model's context."""
@@ -129,7 +135,7 @@ def stream_tokens(
     sampling: SamplingOptions | None = None,
     prompt_cache: list | None = None,
     input_embeddings: mx.array | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
     prompt_progress_callback=None,
 ) -> Iterator[GenerationResponse]:
     """Stream mlx-lm `GenerationResponse`s for ready-made prompt token ids."""
