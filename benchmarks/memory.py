@@ -34,10 +34,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _rss_mb(key: str = "VmHWM") -> float:
+def _rss_gb(key: str = "VmHWM") -> float:
+    """Resident set size in 10^9 bytes (/proc counts KiB); VmHWM is its peak."""
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
+            return int(line.split()[1]) * 1024 / 1e9
     return float("nan")
 
 
@@ -64,7 +65,7 @@ def child(args) -> dict:
 
     from mlx_gemma3n.generate import PREFILL_STEP_SIZE
 
-    rss_import = _rss_mb("VmRSS")
+    rss_import = _rss_gb("VmRSS")
     rng = np.random.default_rng(0)
     prompt = rng.integers(1000, 200_000, size=args.prompt_tokens).tolist()
     start = time.perf_counter()
@@ -124,8 +125,8 @@ def child(args) -> dict:
     return {
         "load_to_first_token_s": round(first, 2), "prefill_s": round(prefill_s, 2),
         "decode_tok_s": round((len(tokens) - 1) / max(decode_s, 1e-9), 2), "prompt_tokens": len(prompt),
-        "generated": len(tokens), "peak_rss_gb": round(_rss_mb() / 1024, 3),
-        "mlx_peak_gb": round(mx.get_peak_memory() / 1e9, 3), "rss_after_imports_gb": round(rss_import / 1024, 3),
+        "generated": len(tokens), "peak_rss_gb": round(_rss_gb(), 3),
+        "mlx_peak_gb": round(mx.get_peak_memory() / 1e9, 3), "rss_after_imports_gb": round(rss_import, 3),
         "kv_cache_mb": None if kv is None else round(kv / 1e6, 2), "torch": "torch" in sys.modules and sys.modules["torch"] is not None,
     }
 
