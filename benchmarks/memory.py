@@ -2,15 +2,17 @@
 of audio) and under mlx-vlm loading mlx-vlm's own conversion of the same weights, in one run.
 
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 512 --gen-tokens 128 --warmup   # on a GPU
-    python benchmarks/memory.py --ckpt-root DIR --sizes E4B --group-size 128 --skip-bf16 --prompt-tokens 512 --gen-tokens 128 --warmup
+    python benchmarks/memory.py --ckpt-root DIR --sizes E4B --group-size 128 --skip-bf16 \
+        --prompt-tokens 512 --gen-tokens 128 --warmup                                          # E4B, group 128
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 8 --gen-tokens 4                # on a CPU
     python benchmarks/memory.py --kl --ckpt-root DIR --kl-branch-gain 0.1 0.3 0.5  # the KL table of the recipes
 
 Checkpoints (reused when present): ROOT/E2B and ROOT/E4B (random, real names and shapes, written
 by random_checkpoint.py), ROOT/E2B-4bit (ours; E2B-4bit-g128 with --group-size 128),
-ROOT/E2B-vlm-4bit (mlx-vlm's convert, 4-bit, group 64). Each configuration runs in its own subprocess, so each peak RSS (VmHWM) is clean;
-"MLX peak" is mx.get_peak_memory(). The memory targets are for 512 + 128 tokens; MLX's CPU
-quantized matmul is slow for many rows, so the prompt length is a flag (weights dominate memory).
+ROOT/E2B-vlm-4bit (mlx-vlm's convert, 4-bit, group 64). Each configuration runs in its own
+subprocess, so each peak RSS (VmHWM) is clean; "MLX peak" is mx.get_peak_memory(). The memory
+targets are for 512 + 128 tokens; MLX's CPU quantized matmul is slow for many rows, so the prompt
+length is a flag (weights dominate memory).
 
 MLX's CUDA back-end compiles some kernels (quantized matmuls among them) the first time a
 machine needs them and caches them on disk; that first compilation costs minutes and gigabytes
