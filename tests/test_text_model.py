@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
+from mlx_gemma3n.cache import SlidingWindowCache
 from mlx_gemma3n.loading import load_model
 
 TOL = 1e-3
@@ -64,15 +65,35 @@ def test_chunked_prefill_then_decode_equals_full_forward(ours, ids, reference_lo
     assert diff <= TOL, f"worst |Δlogit| with uneven chunks: {diff:.2e}"
 
 
-def test_sliding_layers_keep_only_the_window_and_shared_layers_have_no_cache(ours, ids):
+def test_decoding_past_many_cache_buffers_equals_reference(tiny, ours):
+    """Long enough for the sliding caches to move their window to a new buffer several times,
+    in single tokens and in chunks shorter and longer than the window and the buffer step."""
+    _, reference = tiny
+    n = 3 * SlidingWindowCache.step + 40
+    long_ids = prompt_ids(n, seed=7)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor(long_ids)).logits.numpy()
+    cuts = [0, 1, 2, 9, 80, 81, 150, 151, 152, 200, n]
+    cache, outputs = ours.make_cache(), []
+    for start, stop in zip(cuts, cuts[1:]):
+        outputs.append(np.array(ours(mx.array(long_ids[:, start:stop]), cache=cache)))
+    diff = worst(np.concatenate(outputs, axis=1), expected)
+    assert diff <= TOL, f"worst |Δlogit| over {n} tokens in chunks: {diff:.2e}"
+
+
+def test_sliding_layers_keep_only_the_window_and_shared_layers_have_no_cache(ours):
     config = ours.config.text
+    window, tokens = config.sliding_window, SlidingWindowCache.step * 3
     cache = ours.make_cache()
-    for i in range(ids.shape[1]):
-        ours(mx.array(ids[:, i : i + 1]), cache=cache)
+    for token in prompt_ids(tokens, seed=5)[0].tolist():
+        ours(mx.array([[token]]), cache=cache)
     assert len(cache) == config.first_kv_shared_layer < config.num_hidden_layers
     for kind, layer_cache in zip(config.layer_types, cache):
-        stored = layer_cache.keys_and_values()[0].shape[2]
-        assert stored == (config.sliding_window if kind == "sliding_attention" else ids.shape[1])
+        if kind == "sliding_attention":  # a buffer of the window plus one step, never the whole context
+            assert layer_cache.keys.shape[2] <= window - 1 + SlidingWindowCache.step < tokens
+            assert layer_cache.offset == tokens and layer_cache.held >= window - 1
+        else:
+            assert layer_cache.offset == tokens <= layer_cache.keys.shape[2]
 
 
 def test_embeddings_input_is_scaled_like_ids(ours, ids):

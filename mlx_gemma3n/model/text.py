@@ -11,9 +11,7 @@ from statistics import NormalDist
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
-
+from ..cache import KVCache, SlidingWindowCache, attention_mask
 from ..config import TextConfig
 
 
@@ -256,7 +254,7 @@ class TextModel(nn.Module):
         window, full layers grow, KV-shared layers need none."""
         c = self.config
         return [
-            RotatingKVCache(max_size=c.sliding_window) if kind == "sliding_attention" else KVCache()
+            SlidingWindowCache(c.sliding_window) if kind == "sliding_attention" else KVCache()
             for kind in c.layer_types[: c.first_kv_shared_layer]
         ]
 
@@ -264,16 +262,10 @@ class TextModel(nn.Module):
         c = self.config
         masks = {}
         for kind in set(c.layer_types):
-            window = c.sliding_window if kind == "sliding_attention" else None
             if cache is not None:
-                source = c.layer_types.index(kind)
-                masks[kind] = cache[source].make_mask(n, window_size=window, return_array=False)
-            elif n == 1:
-                masks[kind] = None
-            elif window is not None and n > window:
-                masks[kind] = create_causal_mask(n, window_size=window)
+                masks[kind] = cache[c.layer_types.index(kind)].mask(n)
             else:
-                masks[kind] = "causal"
+                masks[kind] = attention_mask(n, window=c.sliding_window if kind == "sliding_attention" else None)
         return masks
 
     def __call__(
