@@ -1,6 +1,6 @@
-"""Generation: prompts through the chat template, chunked prefill and cached decoding (mlx-lm's
-loop, samplers and streaming detokenizer), stop on every EOS id, a context guard, and chat
-sessions that keep their KV cache between turns.
+"""Generation: prompts through the chat template, chunked prefill and cached decoding, streamed
+text, stop on every EOS id, a context guard, and chat sessions that keep their KV cache between
+turns.
 
     python -m mlx_gemma3n.generate --model google/gemma-3n-E2B-it --prompt "Write a haiku"
 """
@@ -10,19 +10,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import GenerationResponse
-from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .cache import can_trim, trim
 from .processing.audio import MAX_SAMPLES, as_samples, log_mel_batch
 from .processing.image import preprocess_images
 from .processing.prompt import encode, expand_media, user_content
+from .sampling import make_sampler, repetition_penalty
 
 # The published generation config's sampling.
 DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 1.0, 64, 0.95
@@ -49,10 +48,24 @@ class SamplingOptions:
     seed: int | None = None
 
     def sampler(self):
-        return make_sampler(temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+        return make_sampler(self.temperature, self.top_k, self.top_p, self.min_p)
 
-    def logits_processors(self):
-        return make_logits_processors(repetition_penalty=self.repetition_penalty) if self.repetition_penalty else None
+    def logits_processors(self) -> list:
+        return [repetition_penalty(self.repetition_penalty)] if self.repetition_penalty else []
+
+
+@dataclass
+class GenerationResponse:
+    """One step of a streamed reply: the text it completed and the token it chose."""
+
+    text: str
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB (10^9 bytes) of MLX memory at most in use so far
+    finish_reason: str | None = None  # "stop" (an end-of-sequence id) or "length" on the last response
 
 
 def chat_messages(prompt: str | list[dict], system: str | None = None, images=(), audio=()) -> list[dict]:
@@ -127,6 +140,57 @@ def _context_guard(model, n_prompt: int, n_cached: int, max_tokens: int) -> int:
     return min(max_tokens, context - used)
 
 
+def generate_tokens(
+    model,
+    prompt_tokens: list[int],
+    cache: list,
+    sampler,
+    logits_processors=(),
+    max_tokens: int = 256,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+    input_embeddings: mx.array | None = None,
+    prompt_progress_callback=None,
+) -> Iterator[int]:
+    """The ids of the reply, one at a time. All but the prompt's last token go through the model
+    `prefill_step_size` at a time, filling the cache; each next token is computed while the
+    caller handles the one before."""
+    prompt = mx.array(prompt_tokens)
+    seen = prompt  # what the logits processors look back on
+    total, done = len(prompt_tokens), 0
+
+    def forward(ids: mx.array, embeddings: mx.array | None) -> mx.array:
+        extra = {} if embeddings is None else {"input_embeddings": embeddings[None]}
+        return model(ids[None], cache=cache, **extra)
+
+    def choose(ids: mx.array, embeddings: mx.array | None = None) -> mx.array:
+        logits = forward(ids, embeddings)[:, -1, :]
+        for process in logits_processors:
+            logits = process(seen, logits)
+        return sampler(logits)
+
+    progress = prompt_progress_callback or (lambda done, total: None)
+    progress(0, total)
+    while total - done > 1:
+        n = min(prefill_step_size, total - done - 1)
+        forward(prompt[done : done + n], None if input_embeddings is None else input_embeddings[done : done + n])
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()  # the chunk's temporaries, so that they are not kept for the next
+        done += n
+        progress(done, total)
+    rest = None if input_embeddings is None else input_embeddings[done:]
+    token = choose(prompt[done:], rest)
+    mx.eval(token)
+    progress(total, total)
+    for _ in range(max_tokens):
+        # Also after the last token: its keys and values then wait in the cache for the next turn.
+        if logits_processors:
+            seen = mx.concatenate([seen, token])
+        following = choose(token)
+        mx.async_eval(following)
+        yield token.item()
+        token = following
+
+
 def stream_tokens(
     model,
     tokenizer,
@@ -139,27 +203,37 @@ def stream_tokens(
     prefill_step_size: int = PREFILL_STEP_SIZE,
     prompt_progress_callback=None,
 ) -> Iterator[GenerationResponse]:
-    """Stream mlx-lm `GenerationResponse`s for ready-made prompt token ids."""
+    """Stream the reply to ready-made prompt token ids, one `GenerationResponse` per token; the
+    last says why it stopped (its text is what the detokenizer held back, its token may be an
+    end-of-sequence id)."""
     sampling = sampling or SamplingOptions()
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
-    cached = prompt_cache[0].offset if prompt_cache else 0
-    max_tokens = _context_guard(model, len(prompt_tokens), cached, max_tokens)
-    kwargs = {}
-    if input_embeddings is not None:
-        kwargs["input_embeddings"] = input_embeddings
-    yield from _mlx_lm_stream_generate(
-        model,
-        tokenizer,
-        mx.array(prompt_tokens),
-        max_tokens=max_tokens,
-        sampler=sampling.sampler(),
-        logits_processors=sampling.logits_processors(),
-        prompt_cache=prompt_cache,
-        prefill_step_size=prefill_step_size,
-        prompt_progress_callback=prompt_progress_callback,
-        **kwargs,
-    )
+    cache = prompt_cache if prompt_cache is not None else model.make_cache()
+    max_tokens = _context_guard(model, len(prompt_tokens), cache[0].offset if cache else 0, max_tokens)
+    if max_tokens <= 0:
+        raise ValueError("max_tokens must be at least 1.")
+    detokenizer = tokenizer.detokenizer
+    stats = dict(prompt_tokens=len(prompt_tokens), prompt_tps=0.0)
+    start = time.perf_counter()
+    tokens = generate_tokens(model, prompt_tokens, cache, sampling.sampler(), sampling.logits_processors(), max_tokens,
+                             prefill_step_size, input_embeddings, prompt_progress_callback)
+    for n, token in enumerate(tokens, start=1):
+        if n == 1:
+            stats["prompt_tps"] = len(prompt_tokens) / (time.perf_counter() - start)
+            start = time.perf_counter()
+        last = token in tokenizer.eos_token_ids or n == max_tokens
+        if token not in tokenizer.eos_token_ids:
+            detokenizer.add_token(token)
+        if last:
+            detokenizer.finalize()
+        yield GenerationResponse(
+            detokenizer.last_segment, token, generation_tokens=n, generation_tps=n / (time.perf_counter() - start),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=("stop" if token in tokenizer.eos_token_ids else "length") if last else None, **stats,
+        )
+        if last:
+            return
 
 
 def stream_generate(
@@ -249,9 +323,9 @@ class ChatSession:
         common = min(common, len(tokens) - 1)  # always feed at least one token to get logits
         extra = len(self.cached_tokens) - common
         if extra:
-            if can_trim_prompt_cache(self.cache):
-                trim_prompt_cache(self.cache, extra)
-            else:  # a sliding window that has wrapped cannot be rewound: start over
+            if can_trim(self.cache, extra):
+                trim(self.cache, extra)
+            else:  # a sliding window that has moved on cannot be rewound: start over
                 self.cache, common = self.model.make_cache(), 0
         self.cached_tokens = tokens[:common]
         return tokens[common:]
