@@ -2,7 +2,7 @@
 Embedding table in files of their own (so a text-only session never opens the towers' files).
 
     python -m mlx_gemma3n.convert --model google/gemma-3n-E2B-it --out gemma-3n-E2B-it-4bit -q
-    python -m mlx_gemma3n.convert --model M --out DIR -q --bits 4 --group-size 64 --recipe mixed --ple-bits 8
+    python -m mlx_gemma3n.convert --model M --out DIR -q --bits 4 --group-size 128 --recipe mixed --ple-bits 8
 
 The output keeps Hugging Face's tensor names and layouts; quantized weights are stored as MLX
 stores them (`weight` packed in uint32, `scales`, `biases`), and config.json gains a
@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .quantize import BITS, GROUP_SIZES, RECIPES, quantizable, recipe_bits
+from .quantize import BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES, quantizable, recipe_bits
 from .weights import FINGERPRINT_KEY, PLE_NAME, Checkpoint, CheckpointError, TensorLocation, model_fingerprint
 
 
@@ -92,7 +92,7 @@ def plan(
     checkpoint: Checkpoint,
     quantize: bool = False,
     bits: int = 4,
-    group_size: int = 64,
+    group_size: int = DEFAULT_GROUP_SIZE,
     recipe: str = "uniform",
     ple_bits: int | None = None,
     dtype: str | None = None,
@@ -207,7 +207,7 @@ def convert(
     out: str | Path,
     quantize: bool = False,
     bits: int = 4,
-    group_size: int = 64,
+    group_size: int = DEFAULT_GROUP_SIZE,
     recipe: str = "uniform",
     ple_bits: int | None = None,
     dtype: str | None = None,
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output directory (must not exist, or be empty)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the linear and embedding layers")
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    parser.add_argument("--group-size", type=int, default=64, choices=list(GROUP_SIZES))
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES))
     parser.add_argument("--recipe", default="uniform", choices=list(RECIPES),
                         help="uniform: every layer at --bits; mixed: the sensitive ones at 8 bits")
     parser.add_argument("--ple-bits", type=int, choices=[4, 8], default=None,
