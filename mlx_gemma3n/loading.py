@@ -9,12 +9,11 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .model.gemma3n import Gemma3n
 from .ple import DEFAULT_CACHE_BYTES, PerLayerEmbeddings
 from .quantize import apply_quantization
+from .tokenizer import Tokenizer, load_tokenizer
 from .weights import PLE_NAME, Checkpoint, CheckpointError, load_into
 
 TOWERS = ("audio", "vision")
@@ -115,7 +114,7 @@ def load(
     lazy_ple: bool = True,
     preload: tuple[str, ...] = (),
     keep_towers: bool = True,
-) -> tuple[Gemma3n, TokenizerWrapper]:
+) -> tuple[Gemma3n, Tokenizer]:
     """Load a Gemma 3n checkpoint (directory or Hugging Face repo id: original, converted by
     `mlx_gemma3n.convert`, or an mlx-vlm conversion) and its tokenizer. Towers load on first
     use unless named in `preload` ("audio", "vision"), and stay loaded unless `keep_towers` is
@@ -123,8 +122,8 @@ def load(
     it again)."""
     net, checkpoint = load_model(model, dtype, lazy_ple)
     net.keep_towers = keep_towers
-    if not (checkpoint.path / "tokenizer.json").exists() and not (checkpoint.path / "tokenizer.model").exists():
-        raise CheckpointError(f"{checkpoint.path} has no tokenizer.json or tokenizer.model: copy the tokenizer files in.")
+    if not (checkpoint.path / "tokenizer.json").exists():
+        raise CheckpointError(f"{checkpoint.path} has no tokenizer.json: copy the tokenizer files in.")
     tokenizer = load_tokenizer(checkpoint.path, eos_token_ids=_eos_ids(checkpoint))
     preload_towers(net, preload)
     return net, tokenizer

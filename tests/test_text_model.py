@@ -115,7 +115,7 @@ def test_embeddings_without_ids_equal_reference(tiny, ours, ids):
 
 def test_greedy_generation_equals_transformers(tiny, ours):
     from mlx_gemma3n.generate import SamplingOptions, stream_tokens
-    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from mlx_gemma3n.tokenizer import load_tokenizer
 
     path, reference = tiny
     prompt = prompt_ids(20, seed=3)[0]

@@ -44,7 +44,7 @@ class Gemma3n(nn.Module):
             self.unload_tower(kind)  # its weights go once the pending outputs are evaluated
         return outputs
 
-    # mlx-lm's generation loop drives the model through these three.
+    # A generation loop (ours; mlx-lm's in the speed benchmark) drives the model through these three.
     @property
     def layers(self):
         return self.language_model.layers
