@@ -2,13 +2,11 @@
 of audio) and under mlx-vlm loading mlx-vlm's own conversion of the same weights, in one run.
 
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 512 --gen-tokens 128 --warmup   # on a GPU
-    python benchmarks/memory.py --ckpt-root DIR --sizes E4B --group-size 128 --skip-bf16 \
-        --prompt-tokens 512 --gen-tokens 128 --warmup                                          # E4B, group 128
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 8 --gen-tokens 4                # on a CPU
     python benchmarks/memory.py --kl --ckpt-root DIR --kl-branch-gain 0.1 0.3 0.5  # the KL table of the recipes
 
 Checkpoints (reused when present): ROOT/E2B and ROOT/E4B (random, real names and shapes, written
-by random_checkpoint.py), ROOT/E2B-4bit (ours; E2B-4bit-g128 with --group-size 128),
+by random_checkpoint.py, with the tests' tokenizer), ROOT/E2B-4bit-g128 (ours, at --group-size),
 ROOT/E2B-vlm-4bit (mlx-vlm's convert, 4-bit, group 64). Each configuration runs in its own
 subprocess, so each peak RSS (VmHWM) is clean; "MLX peak" is mx.get_peak_memory(). The memory
 targets are for 512 + 128 tokens; MLX's CPU quantized matmul is slow for many rows, so the prompt
@@ -18,9 +16,11 @@ MLX's CUDA back-end compiles some kernels (quantized matmuls among them) the fir
 machine needs them and caches them on disk; that first compilation costs minutes and gigabytes
 of host memory once. `--warmup` runs every configuration once, unmeasured, before measuring it.
 
-PyTorch is not a dependency of mlx_gemma3n, but transformers (the tokenizer, through mlx-lm)
-imports it whenever it is installed, which costs ~0.5 GB of RSS. Children therefore run with
-torch hidden (--with-torch to keep it), as on a machine without it; the table says which.
+Ours runs as a user's program does: `load()` (model and tokenizer) and the generation loop of
+`mlx_gemma3n.generate`, which import neither transformers nor PyTorch. mlx-vlm imports both
+(through transformers, PyTorch whenever it is installed: ~0.5 GB of RSS); `--hide-torch`
+measures every configuration as on a machine without PyTorch. Each row says whether PyTorch
+was imported.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mlx_gemma3n.quantize import DEFAULT_GROUP_SIZE
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,23 +61,22 @@ def kv_bytes_per_token(config, dtype_bytes: int = 2) -> dict:
 # ----------------------------------------------------------------------------- child: one run
 
 def child(args) -> dict:
-    if not args.with_torch:
-        sys.modules["torch"] = None  # transformers then sees no torch (as on a machine without it)
+    if args.hide_torch:
+        sys.modules["torch"] = None  # as on a machine without PyTorch
     import mlx.core as mx
     import numpy as np
-    from mlx_lm.generate import generate_step
-
-    from mlx_gemma3n.generate import PREFILL_STEP_SIZE
 
     rss_import = _rss_gb("VmRSS")
     rng = np.random.default_rng(0)
     prompt = rng.integers(1000, 200_000, size=args.prompt_tokens).tolist()
     start = time.perf_counter()
     if args.impl == "ours":
-        from mlx_gemma3n.loading import load_model
+        from mlx_gemma3n.generate import PREFILL_STEP_SIZE, SamplingOptions, stream_tokens
+        from mlx_gemma3n.loading import load
 
-        model, _ = load_model(args.model, dtype=mx.bfloat16)
-        model.keep_towers = not args.release_towers
+        model, tokenizer = load(args.model, dtype=mx.bfloat16, keep_towers=not args.release_towers)
+        tokenizer.eos_token_ids = set()  # a random model may end its reply at once: generate them all
+        rss_loaded = _rss_gb("VmRSS")
         config = model.config
         embeddings = None
         if args.media:
@@ -95,16 +96,16 @@ def child(args) -> dict:
             embeddings = model.embed(mx.array([ids]), image, audio)[0]
             prompt = ids
         tokens, first = [], None
-        kw = {"input_embeddings": embeddings} if embeddings is not None else {}
         t0 = time.perf_counter()
         cache = model.make_cache()
-        for token, _ in generate_step(mx.array(prompt), model, max_tokens=args.gen_tokens, prompt_cache=cache,
-                                      prefill_step_size=args.prefill_step_size or PREFILL_STEP_SIZE, **kw):
+        for r in stream_tokens(model, tokenizer, prompt, max_tokens=args.gen_tokens, prompt_cache=cache,
+                               sampling=SamplingOptions(temperature=0.0), input_embeddings=embeddings,
+                               prefill_step_size=args.prefill_step_size or PREFILL_STEP_SIZE):
             if first is None:
                 first = time.perf_counter() - start
                 prefill_s = time.perf_counter() - t0
                 t1 = time.perf_counter()
-            tokens.append(int(token))
+            tokens.append(r.token)
         decode_s = time.perf_counter() - t1
         kv = sum(c.nbytes for c in cache)
     else:
@@ -112,6 +113,7 @@ def child(args) -> dict:
         from mlx_vlm.generate import stream_generate
 
         model, processor = load(args.model)
+        rss_loaded = _rss_gb("VmRSS")
         config = None
         tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
         text = tokenizer.decode(prompt)
@@ -129,13 +131,14 @@ def child(args) -> dict:
         "decode_tok_s": round((len(tokens) - 1) / max(decode_s, 1e-9), 2), "prompt_tokens": len(prompt),
         "generated": len(tokens), "peak_rss_gb": round(_rss_gb(), 3),
         "mlx_peak_gb": round(mx.get_peak_memory() / 1e9, 3), "rss_after_imports_gb": round(rss_import, 3),
-        "kv_cache_mb": None if kv is None else round(kv / 1e6, 2), "torch": "torch" in sys.modules and sys.modules["torch"] is not None,
+        "rss_after_load_gb": round(rss_loaded, 3), "kv_cache_mb": None if kv is None else round(kv / 1e6, 2),
+        "torch": sys.modules.get("torch") is not None, "transformers": "transformers" in sys.modules,
     }
 
 
 # ----------------------------------------------------------------------------- preparation
 
-def prepare(root: Path, sizes, want_vlm: bool, group_size: int = 64, log=print) -> dict[str, Path]:
+def prepare(root: Path, sizes, want_vlm: bool, group_size: int = DEFAULT_GROUP_SIZE, log=print) -> dict[str, Path]:
     sys.path.insert(0, str(HERE))
     from random_checkpoint import write_checkpoint
 
@@ -148,7 +151,7 @@ def prepare(root: Path, sizes, want_vlm: bool, group_size: int = 64, log=print) 
             log(f"writing a random {size} checkpoint to {src}")
             write_checkpoint(src, size, progress=log)
         paths[size] = src
-        q = root / (f"{size}-4bit" if group_size == 64 else f"{size}-4bit-g{group_size}")
+        q = root / f"{size}-4bit-g{group_size}"
         if not (q / "config.json").exists():
             t = time.perf_counter()
             convert(src, q, quantize=True, bits=4, group_size=group_size)
@@ -160,8 +163,8 @@ def prepare(root: Path, sizes, want_vlm: bool, group_size: int = 64, log=print) 
 
 
 def _mlx_vlm_conversion(root: Path, log) -> Path:
-    """mlx-vlm's convert of the random E2B (it needs tokenizer and processor files beside the
-    weights: a small Gemma-like tokenizer from the tests, and the Gemma 3n processor config)."""
+    """mlx-vlm's convert of the random E2B (it needs the Gemma 3n processor config beside the
+    weights and the tokenizer)."""
     out = root / "E2B-vlm-4bit"
     if (out / "config.json").exists():
         return out
@@ -172,9 +175,8 @@ def _mlx_vlm_conversion(root: Path, log) -> Path:
             if not (src / f.name).exists():
                 os.symlink(f, src / f.name)
         sys.path.insert(0, str(HERE.parent / "tests"))
-        from checkpoints import write_processor_files, write_tokenizer
+        from checkpoints import write_processor_files
 
-        write_tokenizer(src)
         write_processor_files(src, image_size={"height": 768, "width": 768})
     t = time.perf_counter()
     cmd = [sys.executable, "-m", "mlx_vlm", "convert", "--hf-path", str(src), "--mlx-path", str(out), "-q",
@@ -263,7 +265,7 @@ def _child_command(args, model: Path, impl: str, inputs: str, gen_tokens: int) -
             *(["--prefill-step-size", str(args.prefill_step_size)] if args.prefill_step_size else []),
             *(["--media"] if inputs.startswith("media") else []),
             *(["--release-towers"] if inputs == "media-release" else []),
-            *(["--with-torch"] if args.with_torch else [])]
+            *(["--hide-torch"] if args.hide_torch else [])]
 
 
 def main(argv=None) -> int:
@@ -272,12 +274,12 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", default=["E2B", "E4B"])
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=64, help="group size of the 4-bit conversions")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="group size of our 4-bit conversions")
     p.add_argument("--prefill-step-size", type=int, help="prompt tokens per forward pass (default: mlx_gemma3n's)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--skip-bf16", action="store_true")
     p.add_argument("--skip-media", action="store_true")
-    p.add_argument("--with-torch", action="store_true")
+    p.add_argument("--hide-torch", action="store_true", help="measure as on a machine without PyTorch")
     p.add_argument("--warmup", action="store_true", help="run each configuration once before measuring it")
     p.add_argument("--kl", action="store_true", help="print the KL table of the quantization recipes instead")
     p.add_argument("--kl-prompts", type=int, default=4)
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
 
     paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer, group_size=args.group_size)
     runs = []
-    q_label = "" if args.group_size == 64 else f" g{args.group_size}"
+    q_label = f" g{args.group_size}"
     for size in args.sizes:
         if not args.skip_bf16:
             runs.append((f"{size} bf16 text (ours)", paths[size], "ours", "text"))
@@ -317,14 +319,15 @@ def main(argv=None) -> int:
             runs.append(("  same, towers released after use", paths["E2B-4bit"], "ours", "media-release"))
     from mlx_gemma3n.config import load_config
 
-    print(f"prompt {args.prompt_tokens} tokens + {args.gen_tokens} generated; torch "
-          f"{'imported' if args.with_torch else 'hidden'}; {os.cpu_count()} CPUs")
+    print(f"prompt {args.prompt_tokens} tokens + {args.gen_tokens} generated; PyTorch "
+          f"{'hidden' if args.hide_torch else 'as installed'}; {os.cpu_count()} CPUs")
     for size in args.sizes:
         kv = kv_bytes_per_token(load_config(paths[size]))
         print(f"{size} KV cache (bf16): {kv['within_window'] / 1024:.0f} KiB/token within the {kv['window']}-token "
               f"window ({kv['cache_layers']} cache layers), {kv['beyond_window'] / 1024:.0f} KiB/token beyond it "
               f"({kv['full_layers']} full-attention layers)")
-    header = f"{'configuration':<36} {'peak RSS GB':>11} {'MLX peak GB':>11} {'load->1st tok s':>15} {'decode tok/s':>12}"
+    header = (f"{'configuration':<36} {'peak RSS GB':>11} {'MLX peak GB':>11} {'load->1st tok s':>15} "
+              f"{'decode tok/s':>12} {'torch':>5}")
     print(header, flush=True)
     for label, path, impl, inputs in runs:
         if args.warmup:
@@ -335,7 +338,8 @@ def main(argv=None) -> int:
             print(f"{label:<36} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", flush=True)
             continue
         print(f"{label:<36} {result['peak_rss_gb']:>11.2f} {result['mlx_peak_gb']:>11.2f} "
-              f"{result['load_to_first_token_s']:>15.1f} {result['decode_tok_s']:>12.2f}   {json.dumps(result)}", flush=True)
+              f"{result['load_to_first_token_s']:>15.1f} {result['decode_tok_s']:>12.2f} "
+              f"{'yes' if result['torch'] else 'no':>5}   {json.dumps(result)}", flush=True)
     return 0
 
 

@@ -6,7 +6,8 @@ tensor so that a 10-15 GB checkpoint needs well under 1 GB of memory to write.
 
 Names and shapes come from transformers' own model, instantiated on the meta device (no memory).
 Values are small gaussians (norm scales near 1), enough for speed and memory measurements;
-the outputs mean nothing.
+the outputs mean nothing. The tokenizer is the tests' Gemma-like one: Gemma's vocabulary size
+and special tokens, few merges (the real one has more, and takes more memory).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from checkpoints import write_tokenizer  # noqa: E402
 
 SHARD_BYTES = 2 << 30
 E2B_LAYERS = 30
@@ -126,6 +130,7 @@ def write_checkpoint(out: Path, size: str, seed: int = 0, progress=print) -> Pat
     text.update(rope_theta=rope["full_attention"]["rope_theta"], rope_scaling=None,
                 rope_local_base_freq=rope["sliding_attention"]["rope_theta"], query_pre_attn_scalar=text["head_dim"])
     (out / "config.json").write_text(json.dumps(config_dict, indent=1))
+    write_tokenizer(out)
     return out
 
 
