@@ -5,6 +5,8 @@ fails cleanly."""
 import errno
 import json
 import shutil
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -101,6 +103,31 @@ def test_ple_ids_out_of_range_are_an_error_not_a_garbage_read(tiny):
     model, _ = load_model(tiny[0])
     with pytest.raises(IndexError, match="must lie in"):
         model.language_model.embed_tokens_per_layer(mx.array([[262_144]]))
+
+
+# ----------------------------------------------------------------------------- what a process imports
+
+# Any import of these fails at once: PyTorch alone would add ~0.5 GB to the process.
+REFUSE_HEAVY_IMPORTS = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("transformers", "torch", "mlx_lm"):
+            raise ImportError(f"{name} was imported")
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+def test_loading_and_generating_import_neither_transformers_torch_nor_mlx_lm(tiny):
+    code = REFUSE_HEAVY_IMPORTS + (
+        "from mlx_gemma3n import ChatSession, generate, load\n"
+        f"model, tokenizer = load({str(tiny[0])!r})\n"
+        "generate(model, tokenizer, 'hello world', max_tokens=4, temperature=0.7, top_k=5, repetition_penalty=1.2)\n"
+        "print(len(list(ChatSession(model, tokenizer).send('the cat', max_tokens=3))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "3"
 
 
 # ----------------------------------------------------------------------------- towers on demand

@@ -3,8 +3,6 @@ transformers' GemmaTokenizer (AutoTokenizer) does on the same files: the referen
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import jinja2
@@ -15,7 +13,6 @@ from tokenizers import processors
 
 from mlx_gemma3n.tokenizer import StreamingDetokenizer, Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 
 TEXTS = [
     "",
@@ -453,47 +450,3 @@ def test_each_token_decodes_a_short_window_however_long_the_reply(ours, tokenize
     assert len(ids) > 5000
     # An emoji is a run of 4 byte tokens, held with the token after it as context.
     assert max(spy.window_lengths) <= 10
-
-
-# Imports
-
-
-def run_fresh(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-1]
-
-
-USE_THE_TOKENIZER = """
-tokenizer = Tokenizer.load(Path({path!r}), [1, 106])
-tokenizer.apply_chat_template([{{"role": "user", "content": "hello"}}], add_generation_prompt=True, tokenize=True)
-detokenizer = tokenizer.detokenizer
-detokenizer.add_token(tokenizer.encode("hello")[0])
-detokenizer.finalize()
-print(sorted(name for name in ("transformers", "torch", "mlx_lm") if name in sys.modules))
-"""
-
-
-def test_tokenizer_module_imports_neither_transformers_nor_torch(tokenizer_dir):
-    # The module alone: the package's __init__ is bypassed, since it imports the rest of the runtime.
-    code = (
-        "import sys, types\nfrom pathlib import Path\n"
-        f"package = types.ModuleType('mlx_gemma3n'); package.__path__ = [{str(REPO / 'mlx_gemma3n')!r}]\n"
-        "sys.modules['mlx_gemma3n'] = package\n"
-        "from mlx_gemma3n.tokenizer import Tokenizer\n"
-    ) + USE_THE_TOKENIZER.format(path=str(tokenizer_dir))
-    assert run_fresh(code) == "[]"
-
-
-def test_importing_mlx_gemma3n_tokenizer_imports_neither_transformers_nor_torch(tokenizer_dir):
-    # Any attempt to import them fails at once (instead of spending seconds importing torch).
-    code = (
-        "import sys\nfrom pathlib import Path\n"
-        "class Refuse:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('transformers', 'torch', 'mlx_lm'):\n"
-        "            raise ImportError(f'{name} was imported')\n"
-        "sys.meta_path.insert(0, Refuse())\n"
-        "from mlx_gemma3n.tokenizer import Tokenizer\n"
-    ) + USE_THE_TOKENIZER.format(path=str(tokenizer_dir))
-    assert run_fresh(code) == "[]"
