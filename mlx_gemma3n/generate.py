@@ -206,6 +206,8 @@ def stream_tokens(
     """Stream the reply to ready-made prompt token ids, one `GenerationResponse` per token; the
     last says why it stopped (its text is what the detokenizer held back, its token may be an
     end-of-sequence id)."""
+    if not prompt_tokens:
+        raise ValueError("The prompt is empty: give at least one token.")
     sampling = sampling or SamplingOptions()
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)

@@ -50,6 +50,22 @@ def test_generation_stops_at_the_first_eos_id(loaded):
     assert responses[-1].finish_reason == "stop" and responses[-1].text == ""
 
 
+def test_a_reply_ends_at_max_tokens_with_its_reason(loaded):
+    model, tokenizer = loaded
+    responses = list(stream_tokens(model, tokenizer, tokenizer.encode("hello world"), max_tokens=5,
+                                   sampling=SamplingOptions(temperature=0.0)))
+    assert [r.generation_tokens for r in responses] == [1, 2, 3, 4, 5]
+    assert [r.finish_reason for r in responses] == [None] * 4 + ["length"]
+    assert "".join(r.text for r in responses) == tokenizer.decode([r.token for r in responses])
+
+
+@pytest.mark.parametrize("prompt, max_tokens, message", [([], 5, "prompt is empty"), ([5, 6], 0, "at least 1")])
+def test_an_empty_prompt_or_no_tokens_to_generate_is_a_clear_error(loaded, prompt, max_tokens, message):
+    model, tokenizer = loaded
+    with pytest.raises(ValueError, match=message):
+        list(stream_tokens(model, tokenizer, prompt, max_tokens=max_tokens))
+
+
 def test_same_seed_same_sample(loaded):
     model, tokenizer = loaded
     a = [r.token for r in stream_generate(model, tokenizer, "the cat", max_tokens=12, seed=7)]
