@@ -66,11 +66,11 @@ def lazy_per_layer_embeddings(checkpoint: Checkpoint, dtype, cache_bytes: int = 
 
 
 def load_model(
-    model: str | Path, dtype: mx.Dtype = mx.bfloat16, lazy_ple: bool = True
+    model: str | Path | Checkpoint, dtype: mx.Dtype = mx.bfloat16, lazy_ple: bool = True
 ) -> tuple[Gemma3n, Checkpoint]:
     """The model (towers not loaded) and its checkpoint. With `lazy_ple` (the default) the
     Per-Layer Embedding table is read row by row from disk instead of being loaded."""
-    checkpoint = Checkpoint.open(model)
+    checkpoint = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
     net = Gemma3n(checkpoint.config)
     skip = ()
     if lazy_ple:
@@ -120,10 +120,13 @@ def load(
     use unless named in `preload` ("audio", "vision"), and stay loaded unless `keep_towers` is
     False: then each is released after each use (least memory; the next image or audio reads
     it again)."""
-    net, checkpoint = load_model(model, dtype, lazy_ple)
-    net.keep_towers = keep_towers
+    checkpoint = Checkpoint.open(model)
     if not (checkpoint.path / "tokenizer.json").exists():
         raise CheckpointError(f"{checkpoint.path} has no tokenizer.json: copy the tokenizer files in.")
+    # The tokenizer first: loading the weights then reuses the heap the tokenizer's loading freed
+    # (E2B: a peak 27 MB lower than the other way round).
     tokenizer = load_tokenizer(checkpoint.path, eos_token_ids=_eos_ids(checkpoint))
+    net, _ = load_model(checkpoint, dtype, lazy_ple)
+    net.keep_towers = keep_towers
     preload_towers(net, preload)
     return net, tokenizer
