@@ -78,7 +78,7 @@ class SlidingWindowCache:
     """The last `window - 1` positions of a sliding-window layer: with the chunk's own, all a
     query at window distance may see. The held positions sit at the front of the buffer and new
     ones are written after them; when the buffer is full, the positions still needed move to the
-    front of a new one (a copy of the window every `step` tokens)."""
+    front of a new one (once the window is full, a copy of it every `step` tokens)."""
 
     step = 64
 
@@ -97,7 +97,8 @@ class SlidingWindowCache:
         visible = self._visible(n)
         if self.keys is None or self.held + n > self.keys.shape[2]:
             past = visible - n
-            capacity = self.window - 1 + max(n, self.step)
+            # Grown a step at a time while the window fills, then the window and one step.
+            capacity = min(-(-(past + n) // self.step) * self.step, self.window - 1 + max(n, self.step))
             start = self.held - past
             self.keys = _grown(self.keys, None if self.keys is None else self.keys[..., start : self.held, :], keys, capacity)
             self.values = _grown(self.values, None if self.values is None else self.values[..., start : self.held, :], values, capacity)
