@@ -4,8 +4,8 @@
     python benchmarks/decode.py --model /tmp/gemma3n-E2B-random
 
 Both models run under mlx-lm's own generation loop (`generate_step`, greedy) on the same prompt
-ids, so the difference is the model code (mlx-lm comes with the test extra). On Linux, preload OpenBLAS (see the README); on a GPU
-install `mlx[cuda13]`.
+ids, so the difference is the model code; mlx-lm comes with the test extra. On Linux, preload
+OpenBLAS (see the README); on a GPU install `mlx[cuda13]`.
 """
 
 from __future__ import annotations

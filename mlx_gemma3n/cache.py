@@ -24,46 +24,29 @@ def attention_mask(n: int, past: int = 0, window: int | None = None):
     return (key <= query) & (key > query - window)
 
 
-def _grown(buffer: mx.array | None, keep: mx.array | None, like: mx.array, capacity: int) -> mx.array:
-    """A buffer of `capacity` positions shaped like `like`, starting with the positions `keep`."""
-    B, H, _, D = like.shape
-    fresh = mx.zeros((B, H, capacity, D), like.dtype)
-    if keep is not None and keep.shape[2]:
-        fresh[..., : keep.shape[2], :] = keep
-    return fresh
-
-
-class KVCache:
-    """Every position of a full-attention layer."""
-
-    step = 256  # positions the buffers grow by
+class _Buffers:
+    """Keys and values held in buffers of positions, written in place."""
 
     def __init__(self):
         self.keys = self.values = None
-        self.offset = 0  # positions seen (and held)
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        end = self.offset + keys.shape[2]
-        if self.keys is None or end > self.keys.shape[2]:
-            capacity = -(-end // self.step) * self.step
-            self.keys = _grown(self.keys, self._held(self.keys), keys, capacity)
-            self.values = _grown(self.values, self._held(self.values), values, capacity)
-        self.keys[..., self.offset : end, :] = keys
-        self.values[..., self.offset : end, :] = values
-        self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+    def _reallocate(self, capacity: int, start: int, stop: int, like: tuple[mx.array, mx.array]) -> None:
+        """New buffers of `capacity` positions, beginning with positions [start, stop) of the old."""
 
-    def _held(self, buffer):
-        return None if buffer is None else buffer[..., : self.offset, :]
+        def fresh(old, new):
+            B, H, _, D = new.shape
+            buffer = mx.zeros((B, H, capacity, D), new.dtype)
+            if old is not None and stop > start:
+                buffer[..., : stop - start, :] = old[..., start:stop, :]
+            return buffer
 
-    def mask(self, n: int):
-        return attention_mask(n)
+        self.keys, self.values = fresh(self.keys, like[0]), fresh(self.values, like[1])
 
-    def can_trim(self, n: int) -> bool:
-        return n <= self.offset
-
-    def trim(self, n: int) -> None:
-        self.offset -= n
+    def _write(self, at: int, keys: mx.array, values: mx.array) -> int:
+        end = at + keys.shape[2]
+        self.keys[..., at:end, :] = keys
+        self.values[..., at:end, :] = values
+        return end
 
     @property
     def state(self) -> list[mx.array]:
@@ -74,7 +57,33 @@ class KVCache:
         return sum(a.nbytes for a in self.state)
 
 
-class SlidingWindowCache:
+class KVCache(_Buffers):
+    """Every position of a full-attention layer."""
+
+    step = 256  # positions the buffers grow by
+
+    def __init__(self):
+        super().__init__()
+        self.offset = 0  # positions seen (and held)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None or self.offset + keys.shape[2] > self.keys.shape[2]:
+            capacity = -(-(self.offset + keys.shape[2]) // self.step) * self.step
+            self._reallocate(capacity, 0, self.offset, (keys, values))
+        self.offset = self._write(self.offset, keys, values)
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def mask(self, n: int):
+        return attention_mask(n)
+
+    def can_trim(self, n: int) -> bool:
+        return n <= self.offset
+
+    def trim(self, n: int) -> None:
+        self.offset -= n
+
+
+class SlidingWindowCache(_Buffers):
     """The last `window - 1` positions of a sliding-window layer: with the chunk's own, all a
     query at window distance may see. The held positions sit at the front of the buffer and new
     ones are written after them; when the buffer is full, the positions still needed move to the
@@ -83,8 +92,8 @@ class SlidingWindowCache:
     step = 64
 
     def __init__(self, window: int):
+        super().__init__()
         self.window = window
-        self.keys = self.values = None
         self.offset = 0  # positions seen
         self.held = 0  # of which the buffer holds the last `held`
 
@@ -99,15 +108,11 @@ class SlidingWindowCache:
             past = visible - n
             # Grown a step at a time while the window fills, then the window and one step.
             capacity = min(-(-(past + n) // self.step) * self.step, self.window - 1 + max(n, self.step))
-            start = self.held - past
-            self.keys = _grown(self.keys, None if self.keys is None else self.keys[..., start : self.held, :], keys, capacity)
-            self.values = _grown(self.values, None if self.values is None else self.values[..., start : self.held, :], values, capacity)
+            self._reallocate(capacity, self.held - past, self.held, (keys, values))
             self.held = past
-        end = self.held + n
-        self.keys[..., self.held : end, :] = keys
-        self.values[..., self.held : end, :] = values
-        self.held, self.offset = end, self.offset + n
-        return self.keys[..., end - visible : end, :], self.values[..., end - visible : end, :]
+        self.held = self._write(self.held, keys, values)
+        self.offset += n
+        return self.keys[..., self.held - visible : self.held, :], self.values[..., self.held - visible : self.held, :]
 
     def mask(self, n: int):
         return attention_mask(n, self._visible(n) - n, self.window)
@@ -119,14 +124,6 @@ class SlidingWindowCache:
     def trim(self, n: int) -> None:
         self.held -= n
         self.offset -= n
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
 
 
 def can_trim(caches: list, n: int) -> bool:
