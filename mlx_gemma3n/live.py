@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import mlx.core as mx
 import numpy as np
 from PIL import Image
 
@@ -206,7 +207,7 @@ class _LiveLoop:
             if self._ran:
                 return self
             self._ran = True
-            self._thread = threading.Thread(target=self._guarded, name=type(self).__name__, daemon=True)
+            self._thread = threading.Thread(target=self._on_own_thread, name=type(self).__name__, daemon=True)
             self._thread.start()
         return self
 
@@ -305,6 +306,14 @@ class _LiveLoop:
         if self.error is not None and not self._error_seen:
             self._error_seen = True
             raise self.error
+
+    def _on_own_thread(self) -> None:
+        try:
+            self._guarded()
+        finally:
+            # MLX keeps a thread's streams after the thread ends; left to interpreter exit, they
+            # abort the process now and then ("terminate called without an active exception").
+            mx.clear_streams()
 
     def _guarded(self) -> None:
         try:
