@@ -207,7 +207,7 @@ class _LiveLoop:
             if self._ran:
                 return self
             self._ran = True
-            self._thread = threading.Thread(target=self._on_own_thread, name=type(self).__name__, daemon=True)
+            self._thread = threading.Thread(target=self._guarded, args=(True,), name=type(self).__name__, daemon=True)
             self._thread.start()
         return self
 
@@ -307,15 +307,7 @@ class _LiveLoop:
             self._error_seen = True
             raise self.error
 
-    def _on_own_thread(self) -> None:
-        try:
-            self._guarded()
-        finally:
-            # MLX keeps a thread's streams after the thread ends; left to interpreter exit, they
-            # abort the process now and then ("terminate called without an active exception").
-            mx.clear_streams()
-
-    def _guarded(self) -> None:
+    def _guarded(self, own_thread: bool = False) -> None:
         try:
             self._loop()
         except _Stopped:
@@ -326,7 +318,14 @@ class _LiveLoop:
             try:
                 self.source.stop()
             finally:
-                self._close()
+                try:
+                    if own_thread:
+                        # Before the loop says it is done: MLX keeps a thread's streams after the
+                        # thread ends, and left to interpreter exit they abort the process now and
+                        # then ("terminate called without an active exception").
+                        mx.clear_streams()
+                finally:
+                    self._close()
 
     def _loop(self) -> None:
         raise NotImplementedError
