@@ -224,15 +224,16 @@ def stream_tokens(
         if n == 1:
             stats["prompt_tps"] = len(prompt_tokens) / (time.perf_counter() - start)
             start = time.perf_counter()
-        last = token in tokenizer.eos_token_ids or n == max_tokens
-        if token not in tokenizer.eos_token_ids:
+        stop = token in tokenizer.eos_token_ids
+        last = stop or n == max_tokens
+        if not stop:
             detokenizer.add_token(token)
         if last:
             detokenizer.finalize()
         yield GenerationResponse(
             detokenizer.last_segment, token, generation_tokens=n, generation_tps=n / (time.perf_counter() - start),
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=("stop" if token in tokenizer.eos_token_ids else "length") if last else None, **stats,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=("stop" if stop else "length") if last else None,
+            **stats,
         )
         if last:
             return
