@@ -14,8 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import CheckpointError
 
-class ConfigError(ValueError):
+
+class ConfigError(CheckpointError):
     """A config.json that does not describe a Gemma 3n model we can run."""
 
 

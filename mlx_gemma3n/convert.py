@@ -31,11 +31,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .errors import Gemma3nError
 from .quantize import BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES, quantizable, recipe_bits
 from .weights import FINGERPRINT_KEY, PLE_NAME, Checkpoint, CheckpointError, TensorLocation, model_fingerprint
 
 
-class ConvertError(RuntimeError):
+class ConvertError(Gemma3nError, RuntimeError):
     """A conversion that cannot be done; nothing was written."""
 
 

@@ -17,6 +17,7 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
+from .errors import InputError
 from .cache import can_trim, trim
 from .processing.audio import MAX_SAMPLES, as_samples, log_mel_batch
 from .processing.image import preprocess_images
@@ -34,7 +35,7 @@ DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 1.0, 64, 0.95
 PREFILL_STEP_SIZE = 128
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(InputError):
     """The prompt does not fit in the model's context."""
 
 

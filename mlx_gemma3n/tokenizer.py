@@ -15,6 +15,8 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
 
+from .errors import InputError
+
 # transformers' named special tokens, and the values GemmaTokenizer gives those a config leaves out.
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 GEMMA_DEFAULT_TOKENS = {
@@ -22,7 +24,7 @@ GEMMA_DEFAULT_TOKENS = {
 }
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InputError):
     """The chat template rejected the conversation (its `raise_exception`) or is not valid jinja."""
 
 

@@ -21,10 +21,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig, load_config
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or not what its config says."""
+from .errors import CheckpointError
 
 
 # What a download needs; the PLE table and towers come with the safetensors.

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
+
 SAMPLE_RATE = 16000
 MAX_SAMPLES = 480_000  # the reference's default max_length: 30 s at 16 kHz
 PAD_TO_MULTIPLE_OF = 128  # the reference's default pad_to_multiple_of
@@ -41,7 +43,7 @@ PAD_TO_MULTIPLE_OF = 128  # the reference's default pad_to_multiple_of
 _FORMATS_WE_READ = "WAV, FLAC, OGG or MP3"
 
 
-class AudioError(ValueError):
+class AudioError(InputError):
     """Audio that cannot be used, with a message that says what to do about it."""
 
 

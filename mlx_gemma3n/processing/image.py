@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import InputError
+
 # Gemma 3n's published preprocessor_config.json.
 IMAGE_SIZE = (768, 768)  # (height, width)
 RESAMPLE = Image.Resampling.BILINEAR
@@ -41,7 +43,7 @@ MAX_DOWNLOAD_BYTES = 200 * 1024 * 1024
 _URL_SCHEMES = ("http://", "https://", "file://", "data:")
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image source that cannot be read; the message says why and what to do."""
 
 

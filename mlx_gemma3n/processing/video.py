@@ -24,13 +24,14 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import InputError
 from .image import ImageError, load_image, to_rgb
 
 # Browsers show GIF frames without a (usable) delay for 0.1 s; so do we.
 DEFAULT_FRAME_DURATION_S = 0.1
 
 
-class VideoError(ValueError):
+class VideoError(InputError):
     """A video source that cannot be read; the message says why and what to do."""
 
 

@@ -26,11 +26,9 @@ import threading
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
+from ..errors import SourceError
+
 T = TypeVar("T")
-
-
-class SourceError(RuntimeError):
-    """A live source that cannot start or that broke; the message says what to do."""
 
 
 class SourceOverflowWarning(UserWarning):
