@@ -17,7 +17,7 @@ machine needs them and caches them on disk; that first compilation costs minutes
 of host memory once. `--warmup` runs every configuration once, unmeasured, before measuring it.
 
 Ours runs as a user's program does: `load()` (model and tokenizer) and the generation loop of
-`mlx_gemma3n.generate`, which import neither transformers nor PyTorch. mlx-vlm imports both
+`mlx_gemma3n.runtime`, which import neither transformers nor PyTorch. mlx-vlm imports both
 (through transformers, PyTorch whenever it is installed: ~0.5 GB of RSS); `--hide-torch`
 measures every configuration as on a machine without PyTorch. Each row says whether PyTorch
 was imported.
@@ -71,7 +71,7 @@ def child(args) -> dict:
     prompt = rng.integers(1000, 200_000, size=args.prompt_tokens).tolist()
     start = time.perf_counter()
     if args.impl == "ours":
-        from mlx_gemma3n.generate import PREFILL_STEP_SIZE, SamplingOptions, stream_tokens
+        from mlx_gemma3n.runtime.generation import PREFILL_STEP_SIZE, SamplingOptions, stream_tokens
         from mlx_gemma3n.loading import load
 
         model, tokenizer = load(args.model, dtype=mx.bfloat16, keep_towers=not args.release_towers)

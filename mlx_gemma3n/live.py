@@ -44,20 +44,18 @@ import bisect
 import contextlib
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
 from PIL import Image
 
 from .processing.audio import SAMPLE_RATE
 from .sources import AudioSource, FrameSource, SourceError
 from .sources.segment import Utterance, VoiceActivitySegmenter
+from .transcription import SILENCE_RMS
 
-SILENCE_RMS = 10 ** (-60 / 20)  # as in transcribe: below -60 dBFS there is nothing to send to the model
 
 
 # --------------------------------------------------------------------------------------
@@ -164,21 +162,6 @@ class DescriberStats:
 
 # One model must not run two generations at once (two live streams, or a live stream and an
 # app's own call); the live loops take this per-model lock around every model call.
-_model_locks: dict[int, threading.RLock] = {}  # by id(model) (MLX modules are dicts: unhashable)
-_model_locks_guard = threading.Lock()
-
-
-def model_lock(model) -> threading.RLock:
-    """The lock the live loops hold while they use `model`; take it to call the model from elsewhere."""
-    with _model_locks_guard:
-        key = id(model)
-        lock = _model_locks.get(key)
-        if lock is None:
-            lock = _model_locks[key] = threading.RLock()
-            weakref.finalize(model, _model_locks.pop, key, None)
-        return lock
-
-
 class _Stopped(Exception):
     """Raised inside the loop when stop() interrupted it."""
 
@@ -207,7 +190,7 @@ class _LiveLoop:
             if self._ran:
                 return self
             self._ran = True
-            self._thread = threading.Thread(target=self._guarded, args=(True,), name=type(self).__name__, daemon=True)
+            self._thread = threading.Thread(target=self._guarded, name=type(self).__name__, daemon=True)
             self._thread.start()
         return self
 
@@ -307,7 +290,7 @@ class _LiveLoop:
             self._error_seen = True
             raise self.error
 
-    def _guarded(self, own_thread: bool = False) -> None:
+    def _guarded(self) -> None:
         try:
             self._loop()
         except _Stopped:
@@ -318,14 +301,7 @@ class _LiveLoop:
             try:
                 self.source.stop()
             finally:
-                try:
-                    if own_thread:
-                        # Before the loop says it is done: MLX keeps a thread's streams after the
-                        # thread ends, and left to interpreter exit they abort the process now and
-                        # then ("terminate called without an active exception").
-                        mx.clear_streams()
-                finally:
-                    self._close()
+                self._close()
 
     def _loop(self) -> None:
         raise NotImplementedError
@@ -336,16 +312,16 @@ class _LiveLoop:
 
 
 def _generate_text(live: _LiveLoop, model, tokenizer, prompt: str, max_tokens: int, **media) -> str:
-    """Greedy reply to `prompt` with media attached, interruptible between tokens by live.stop()."""
-    from .generate import SamplingOptions, stream_generate
+    """Greedy reply to `prompt` with media attached, interruptible between tokens by live.stop()
+    (the model runs on its engine's thread, beside any other caller's requests)."""
+    from .runtime.generation import SamplingOptions, stream_generate
 
     pieces = []
-    with model_lock(model):
-        for response in stream_generate(
-            model, tokenizer, prompt, max_tokens=max_tokens, sampling=SamplingOptions(temperature=0.0), **media
-        ):
-            pieces.append(response.text)
-            live._check_abort()
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens=max_tokens, sampling=SamplingOptions(temperature=0.0), **media
+    ):
+        pieces.append(response.text)
+        live._check_abort()
     return "".join(pieces).strip()
 
 
@@ -418,7 +394,7 @@ class LiveTranscriber(_LiveLoop):
             raise ValueError("LiveTranscriber needs a model and its tokenizer (or a transcribe_fn).")
         if partial_every is not None and not partial_every > 0:
             raise ValueError(f"partial_every must be a positive number of seconds or None, got {partial_every!r}.")
-        from .transcribe import instruction
+        from .transcription import instruction
 
         self.model, self.tokenizer = model, tokenizer
         self.language, self.translate_to = language, translate_to

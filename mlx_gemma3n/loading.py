@@ -14,9 +14,8 @@ from .model.gemma3n import Gemma3n
 from .ple import DEFAULT_CACHE_BYTES, PerLayerEmbeddings
 from .quantize import apply_quantization
 from .tokenizer import Tokenizer, load_tokenizer
+from .towers import Towers, check_kinds
 from .weights import PLE_NAME, Checkpoint, CheckpointError, load_into
-
-TOWERS = ("audio", "vision")
 
 
 def _load_part(module, weights, what: str, checkpoint: Checkpoint, dtype) -> None:
@@ -27,27 +26,28 @@ def _load_part(module, weights, what: str, checkpoint: Checkpoint, dtype) -> Non
     load_into(module, weights, what, checkpoint.path, dtype)
 
 
-def _tower_builder(checkpoint: Checkpoint, dtype):
-    def load_tower(kind: str):
+class TowerLoader:
+    """Reads a tower from the checkpoint when it is first needed."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype):
+        self.checkpoint, self.dtype = checkpoint, dtype
+
+    def __call__(self, kind: str):
+        checkpoint = self.checkpoint
         if kind == "vision":
             from .model import vision as module
 
             tower = module.VisionTower(checkpoint.config.vision)
-        elif kind == "audio":
+        else:
             from .model import audio as module
 
             tower = module.AudioTower(checkpoint.config.audio)
-        else:
-            raise ValueError(f"Unknown tower {kind!r}: Gemma 3n has a 'vision' and an 'audio' tower.")
         weights = checkpoint.read(f"{kind}_tower.")
         if not weights:
             raise CheckpointError(f"{checkpoint.path} has no {kind} tower weights: this checkpoint is text-only.")
-        _load_part(tower, module.sanitize(weights), f"{kind} tower", checkpoint, dtype)
+        _load_part(tower, module.sanitize(weights), f"{kind} tower", checkpoint, self.dtype)
         mx.eval(tower.parameters())
         return tower
-
-    load_tower.checkpoint = checkpoint  # what was read from it, e.g. `checkpoint.read_names`
-    return load_tower
 
 
 def lazy_per_layer_embeddings(checkpoint: Checkpoint, dtype, cache_bytes: int = DEFAULT_CACHE_BYTES) -> PerLayerEmbeddings:
@@ -80,23 +80,24 @@ def load_model(
         weights = checkpoint.read(f"{part}.", skip=skip if part == "language_model" else ())
         _load_part(getattr(net, part), weights, part.replace("_", " "), checkpoint, dtype)
     mx.eval(net.parameters())
-    net.load_tower = _tower_builder(checkpoint, dtype)
+    net.embed_multimodal_ids()
+    # The towers are managed beside the network, which takes them as arguments.
+    net.towers = Towers(TowerLoader(checkpoint, dtype))
     return net, checkpoint
 
 
-def preload_towers(model: Gemma3n, kinds=TOWERS) -> None:
+def preload_towers(model: Gemma3n, kinds=("audio", "vision")) -> None:
     """Load the named towers now (e.g. before a latency-sensitive first image or audio)."""
-    for kind in (kinds,) if isinstance(kinds, str) else kinds:
-        model.tower(kind)
+    from .runtime.engine import Engine
+
+    for kind in check_kinds(kinds):
+        Engine.of(model).run(model.towers.get, kind)
 
 
-def unload_towers(model: Gemma3n, kinds=TOWERS) -> None:
-    """Drop the named towers and give their memory back; they load again on next use."""
-    for kind in (kinds,) if isinstance(kinds, str) else kinds:
-        if kind not in TOWERS:
-            raise ValueError(f"Unknown tower {kind!r}: Gemma 3n has a 'vision' and an 'audio' tower.")
-        model.unload_tower(kind)
-    mx.clear_cache()
+def unload_towers(model: Gemma3n, kinds=("audio", "vision")) -> None:
+    """Release the named towers and give their memory back (a tower in use goes when its
+    request is done); they load again on next use."""
+    model.towers.release(kinds)
 
 
 def _eos_ids(checkpoint: Checkpoint) -> list[int]:
@@ -127,6 +128,6 @@ def load(
     # (E2B: a peak 27 MB lower than the other way round).
     tokenizer = load_tokenizer(checkpoint.path, eos_token_ids=_eos_ids(checkpoint))
     net, _ = load_model(checkpoint, dtype, lazy_ple)
-    net.keep_towers = keep_towers
+    net.towers.keep = keep_towers
     preload_towers(net, preload)
     return net, tokenizer

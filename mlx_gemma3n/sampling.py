@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .errors import InputError
+
 REPETITION_CONTEXT = 20  # how many recent tokens the repetition penalty looks at
 
 
@@ -16,7 +18,7 @@ def _drop(logits: mx.array, order: mx.array, dropped: mx.array) -> mx.array:
 
 def _check(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1:
-        raise ValueError("Sampling needs temperature >= 0, top_k >= 0, 0 < top_p <= 1 and 0 <= min_p <= 1.")
+        raise InputError("Sampling needs temperature >= 0, top_k >= 0, 0 < top_p <= 1 and 0 <= min_p <= 1.")
 
 
 def warp(logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> mx.array:
@@ -36,18 +38,19 @@ def warp(logits: mx.array, temperature: float = 1.0, top_k: int = 0, top_p: floa
 
 
 def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
-    """A function from logits (B, vocab) to token ids (B,): greedy at temperature 0."""
+    """A function from logits (B, vocab) and a random key (a request's own, from `mx.random.key`;
+    None draws from MLX's global generator) to token ids (B,): greedy at temperature 0."""
     _check(temperature, top_k, top_p, min_p)
     if temperature == 0:
-        return lambda logits: mx.argmax(logits, axis=-1)
-    return lambda logits: mx.random.categorical(warp(logits, temperature, top_k, top_p, min_p))
+        return lambda logits, key=None: mx.argmax(logits, axis=-1)
+    return lambda logits, key=None: mx.random.categorical(warp(logits, temperature, top_k, top_p, min_p), key=key)
 
 
 def repetition_penalty(penalty: float, context: int = REPETITION_CONTEXT):
     """A logits processor (tokens so far, logits) -> logits that makes the last `context` tokens
     less likely: positive logits divided by `penalty`, negative ones multiplied."""
     if penalty <= 0:
-        raise ValueError("The repetition penalty must be positive (1 changes nothing).")
+        raise InputError("The repetition penalty must be positive (1 changes nothing).")
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         recent = tokens[-context:]

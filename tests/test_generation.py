@@ -15,7 +15,8 @@ import pytest
 
 from mlx_gemma3n import load
 from mlx_gemma3n.config import load_config
-from mlx_gemma3n.generate import ChatSession, PromptTooLong, SamplingOptions, stream_generate, stream_tokens
+from mlx_gemma3n import ChatSession
+from mlx_gemma3n.runtime.generation import PromptTooLong, SamplingOptions, stream_generate, stream_tokens
 from mlx_gemma3n.processing.prompt import encode
 
 
@@ -128,7 +129,7 @@ def test_generate_entry_point_names_a_missing_checkpoint(tmp_path):
 def test_generate_entry_point_attaches_an_image_and_names_a_bad_one(tiny, tmp_path, capsys):
     from PIL import Image
 
-    from mlx_gemma3n.generate import main
+    from mlx_gemma3n.cli.generate import main
 
     Image.new("RGB", (64, 48), (200, 30, 90)).save(tmp_path / "red.png")
     (tmp_path / "notes.txt").write_text("not a picture")

@@ -49,7 +49,7 @@ from mlx_gemma3n.sources import (
     SourceError,
     VoiceActivitySegmenter,
 )
-from mlx_gemma3n.transcribe import transcribe
+from mlx_gemma3n import transcribe
 
 SR = SAMPLE_RATE
 PHRASES = ["The quick brown fox jumps over the lazy dog.", "Please call Stella.", "Ask her to bring these things."]

@@ -136,33 +136,33 @@ def test_text_only_generation_reads_no_audio_or_vision_tensor_from_mixed_shards(
     from mlx_gemma3n import generate
 
     model, tokenizer = load(tiny[0])
-    checkpoint_names = model.load_tower.checkpoint.read_names
+    checkpoint_names = model.towers.load.checkpoint.read_names
     generate(model, tokenizer, "hello world", max_tokens=4, temperature=0.0)
     towers = [n for n in checkpoint_names if "audio_tower" in n or "vision_tower" in n]
-    assert not towers and "audio_tower" not in model and "vision_tower" not in model
+    assert not towers and not model.towers.loaded("audio") and not model.towers.loaded("vision")
 
 
 def test_text_only_generation_opens_no_tower_file_of_a_converted_checkpoint(q8):
     from mlx_gemma3n import generate
 
     model, tokenizer = load(q8)
-    checkpoint = model.load_tower.checkpoint
+    checkpoint = model.towers.load.checkpoint
     generate(model, tokenizer, "hello world", max_tokens=4, temperature=0.0)
     assert {p.name for p in checkpoint.opened} == {"model-00001-of-00001.safetensors"}
-    model.tower("audio")
+    model.towers.get("audio")
     assert "audio_tower.safetensors" in {p.name for p in checkpoint.opened}
     assert "vision_tower.safetensors" not in {p.name for p in checkpoint.opened}
 
 
 def test_towers_can_be_preloaded_and_unloaded(tiny):
     model, _ = load(tiny[0], preload=("audio",))
-    assert "audio_tower" in model and "vision_tower" not in model
+    assert model.towers.loaded("audio") and not model.towers.loaded("vision")
     preload_towers(model, "vision")
-    assert "vision_tower" in model
+    assert model.towers.loaded("vision")
     unload_towers(model)
-    assert "audio_tower" not in model and "vision_tower" not in model
-    model.tower("audio")  # and they come back on use
-    assert "audio_tower" in model
+    assert not model.towers.loaded("audio") and not model.towers.loaded("vision")
+    model.towers.get("audio")  # and they come back on use
+    assert model.towers.loaded("audio")
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -179,7 +179,7 @@ def test_quantized_conversion_stays_within_the_documented_kl_of_bf16(which, boun
 
 def test_quantized_towers_load_as_quantized_layers(q4):
     model, _ = load_model(q4, dtype=mx.float32)
-    audio = model.tower("audio")
+    audio = model.towers.get("audio")
     assert isinstance(audio.conformer[0].ffw_layer_start.ffw_layer_1, nn.QuantizedLinear)
 
 
@@ -316,9 +316,9 @@ def test_an_mlx_vlm_conversion_brings_its_towers_back_to_our_layout(mlx_vlm_pair
     a_model, _ = load_model(theirs, dtype=mx.float32)
     b_model, _ = load_model(src, dtype=mx.float32)
     pixels = mx.array(np.random.default_rng(0).random((1, 64, 64, 3), dtype=np.float32))
-    a, b = a_model.tower("vision")(pixels), b_model.tower("vision")(pixels)
+    a, b = a_model.towers.get("vision")(pixels), b_model.towers.get("vision")(pixels)
     assert mx.array_equal(a, b).item(), f"vision worst |diff| {worst(a, b)}"
     features = mx.array(np.random.default_rng(1).standard_normal((1, 40, 128), dtype=np.float32))
     pad = mx.zeros((1, 40), dtype=mx.bool_)
-    (a, _), (b, _) = a_model.tower("audio")(features, pad), b_model.tower("audio")(features, pad)
+    (a, _), (b, _) = a_model.towers.get("audio")(features, pad), b_model.towers.get("audio")(features, pad)
     assert mx.array_equal(a, b).item(), f"audio worst |diff| {worst(a, b)}"

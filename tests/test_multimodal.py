@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_gemma3n.generate import Media, SamplingOptions, stream_generate, stream_tokens
+from mlx_gemma3n.runtime.generation import SamplingOptions, stream_generate, stream_tokens
+from mlx_gemma3n.runtime.media import Attachments, Media
 from mlx_gemma3n.loading import load
 from mlx_gemma3n.processing.audio import log_mel_batch
 from mlx_gemma3n.processing.prompt import encode, user_content
@@ -42,7 +43,7 @@ def test_audio_prompt_logits_equal_reference_including_a_padded_batch(tiny, load
             input_features_mask=torch.tensor(valid),
         ).logits.numpy()
     media = Media()
-    media.add(model, audio=clips)
+    list(media.add(model, Attachments.prepare(audio=clips)))
     logits = np.array(model(mx.array([tokens]), input_embeddings=media.embeddings(model, tokens, 0)[None]))
     assert tokens.count(model.config.audio_token_id) == 2 * model.config.audio_soft_tokens_per_image
     assert worst(logits, expected) <= TOL, f"worst |Δlogit| {worst(logits, expected):.2e}"
@@ -57,7 +58,7 @@ def test_audio_prompt_generation_runs_with_cache(loaded):
 
 def test_long_audio_becomes_several_clips_not_a_cut_one(loaded):
     model, tokenizer = loaded
-    from mlx_gemma3n.generate import prepare_audio
+    from mlx_gemma3n.runtime.generation import prepare_audio
 
     clips = prepare_audio([speech_like(65.0, 3)])
     assert [len(c) for c in clips] == [480_000, 480_000, 80_000]
@@ -95,14 +96,14 @@ def test_image_prompt_logits_equal_reference(tiny, loaded):
             input_ids=torch.tensor([tokens]), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2)
         ).logits.numpy()
     media = Media()
-    media.add(model, images=[image])
+    list(media.add(model, Attachments.prepare(images=[image])))
     logits = np.array(model(mx.array([tokens]), input_embeddings=media.embeddings(model, tokens, 0)[None]))
     assert tokens.count(model.config.image_token_id) == model.config.vision_soft_tokens_per_image
     assert worst(logits, expected) <= TOL, f"worst |Δlogit| {worst(logits, expected):.2e}"
 
 
 def test_image_chat_turn_then_text_turn_reuses_the_cache(loaded):
-    from mlx_gemma3n.generate import ChatSession
+    from mlx_gemma3n import ChatSession
 
     model, tokenizer = loaded
     session = ChatSession(model, tokenizer, sampling=SamplingOptions(temperature=0.0))
@@ -128,9 +129,9 @@ def test_towers_released_after_use_give_their_memory_back_and_the_same_reply(tin
                                                  audio=[speech_like(1.0, 4)], max_tokens=6, temperature=0.0)]
 
     expected = reply(kept)
-    tower_bytes = sum(v.nbytes for kind in ("vision_tower", "audio_tower") for _, v in tree_flatten(kept[kind].parameters()))
+    tower_bytes = sum(v.nbytes for kind in ("vision", "audio") for _, v in tree_flatten(kept.towers.get(kind).parameters()))
     before = mx.get_active_memory()
     assert reply(released) == expected
-    assert "vision_tower" not in released and "audio_tower" not in released
+    assert not released.towers.loaded("vision") and not released.towers.loaded("audio")
     assert mx.get_active_memory() - before < tower_bytes / 10, "the released towers' weights are still held"
     assert reply(released) == expected  # and they are read again on the next use

@@ -114,7 +114,7 @@ def test_embeddings_without_ids_equal_reference(tiny, ours, ids):
 
 
 def test_greedy_generation_equals_transformers(tiny, ours):
-    from mlx_gemma3n.generate import SamplingOptions, stream_tokens
+    from mlx_gemma3n.runtime.generation import SamplingOptions, stream_tokens
     from mlx_gemma3n.tokenizer import load_tokenizer
 
     path, reference = tiny

@@ -11,7 +11,7 @@ import soundfile
 
 from mlx_gemma3n import load
 from mlx_gemma3n.processing.audio import AudioError
-from mlx_gemma3n.transcribe import Segment, Transcript, instruction, stitch, transcribe
+from mlx_gemma3n.transcription import Segment, Transcript, instruction, stitch, transcribe
 
 SR = 16_000
 

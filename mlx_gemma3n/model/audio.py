@@ -13,23 +13,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import AudioConfig
+from .text import RMSNorm
 
 
 def _clipping(config: AudioConfig) -> float:
     # The reference clamps activations to `gradient_clipping` at inference too.
     return float(config.gradient_clipping)
-
-
-class RMSNorm(nn.Module):
-    """Gemma 3n's RMSNorm scales by `weight` itself (not 1 + weight)."""
-
-    def __init__(self, dims: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
 class CumulativeGroupNorm(nn.Module):

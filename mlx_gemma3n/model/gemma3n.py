@@ -1,5 +1,6 @@
-"""The whole Gemma 3n: text decoder, multimodal embedders, and (when their input appears)
-the vision and audio towers whose soft tokens are scattered into the text stream."""
+"""The whole Gemma 3n: text decoder and multimodal embedders. The vision and audio towers are
+given with each call that needs them (they are loaded, shared and released outside the network),
+and their soft tokens are scattered into the text stream."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import ModelConfig
+from ..errors import CheckpointError, InputError
+from ..plan import Plan
 from .embedder import MultimodalEmbedder
 from .text import TextModel, soft_cap
 
@@ -19,48 +22,47 @@ class Gemma3n(nn.Module):
         self.language_model = TextModel(config.text)
         self.embed_vision = MultimodalEmbedder(config.vision, config.text.hidden_size)
         self.embed_audio = MultimodalEmbedder(config.audio, config.text.hidden_size)
-        # The towers are built and loaded when their input first appears: `load_tower(kind)` is
-        # given by whoever reads the weights (this module reads no files). With `keep_towers`
-        # off, a tower is dropped again after each use: the smallest footprint, at the cost of
-        # reading it again for the next image or audio.
-        self.load_tower = None
-        self.keep_towers = True
-
-    def tower(self, kind: str) -> nn.Module:
-        """The "vision" or "audio" tower, loaded on first use."""
-        name = f"{kind}_tower"
-        if name not in self:
-            if self.load_tower is None:
-                raise RuntimeError(f"The {kind} tower is not loaded and this model has no way to load it.")
-            setattr(self, name, self.load_tower(kind))
-        return self[name]
-
-    def unload_tower(self, kind: str) -> None:
-        self.pop(f"{kind}_tower", None)
-
-    def _run_tower(self, kind: str, *inputs):
-        outputs = self.tower(kind)(*inputs)
-        if not self.keep_towers:
-            self.unload_tower(kind)  # its weights go once the pending outputs are evaluated
-        return outputs
+        self._multimodal_rows = None  # hard vision and audio ids, embedded once (`embed_multimodal_ids`)
 
     # A generation loop (ours; mlx-lm's in the speed benchmark) drives the model through these three.
     @property
     def layers(self):
         return self.language_model.layers
 
-    def make_cache(self) -> list:
-        return self.language_model.make_cache()
+    def make_cache(self, plan: Plan | None = None) -> list:
+        return self.language_model.make_cache(plan)
 
-    def __call__(self, inputs: mx.array, cache=None, input_embeddings: mx.array | None = None) -> mx.array:
-        """Logits for token ids `inputs` (B, L). `input_embeddings` (from `embed`) replace the
-        looked-up embeddings; the ids still supply the per-layer inputs."""
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache=None,
+        input_embeddings: mx.array | None = None,
+        plan: Plan | None = None,
+        fill_cache_only: bool = False,
+    ) -> mx.array | None:
+        """Logits for token ids `inputs` (B, L), run through `plan` (the full model by default);
+        None with `fill_cache_only` (see `TextModel`). `input_embeddings` (from `embed`) replace
+        the looked-up embeddings; the ids still supply the per-layer inputs."""
         if input_embeddings is None:
             input_embeddings = self.embed(inputs)
-        hidden = self.language_model(inputs, cache, input_embeddings)
+        hidden = self.language_model(inputs, cache, input_embeddings, plan=plan, fill_cache_only=fill_cache_only)
+        if hidden is None:
+            return None
         logits = self.language_model.embed_tokens.as_linear(hidden)
         cap = self.config.text.final_logit_softcapping
         return soft_cap(logits, cap) if cap else logits
+
+    def embed_multimodal_ids(self) -> mx.array:
+        """Every hard vision and audio id embedded by its own table: (vision + audio vocab, hidden).
+        They do not depend on the input, so they are computed once, not for every token."""
+        if self._multimodal_rows is None:
+            vision, audio = self.config.vision, self.config.audio
+            if audio.vocab_offset != vision.vocab_offset + vision.vocab_size:
+                raise CheckpointError("config.json: the audio ids must follow the vision ids, as in every Gemma 3n.")
+            rows = [e(ids=mx.arange(e.vocab_size)[None] + e.vocab_offset)[0] for e in (self.embed_vision, self.embed_audio)]
+            self._multimodal_rows = mx.concatenate(rows)
+            mx.eval(self._multimodal_rows)
+        return self._multimodal_rows
 
     def embed(
         self,
@@ -71,8 +73,10 @@ class Gemma3n(nn.Module):
         """Scaled text embeddings, with audio/vision ids embedded by their own tables and the
         soft tokens (already through `embed_image`/`embed_audio_features`) put at their placeholders."""
         x = self.language_model.embed_tokens(ids)
-        for embedder in (self.embed_vision, self.embed_audio):
-            x = mx.where(embedder.owns(ids)[..., None], embedder(ids=ids).astype(x.dtype), x)
+        first = self.embed_vision.vocab_offset  # the audio ids follow the vision ids
+        rows = self.embed_multimodal_ids()
+        multimodal = (ids >= first) & (ids < first + rows.shape[0])
+        x = mx.where(multimodal[..., None], rows[mx.clip(ids - first, 0, rows.shape[0] - 1)].astype(x.dtype), x)
         c = self.config
         for token_id, soft, kind in (
             (c.image_token_id, image_soft_tokens, "image"),
@@ -82,19 +86,19 @@ class Gemma3n(nn.Module):
                 x = _scatter(x, ids, token_id, soft.reshape(-1, soft.shape[-1]).astype(x.dtype), kind)
         return x
 
-    def embed_image(self, pixel_values: mx.array) -> mx.array:
-        """(N, H, W, 3) pixels -> (N, 256, text hidden) soft tokens in the text space."""
-        tokens = self._run_tower("vision", pixel_values)
+    def embed_image(self, pixel_values: mx.array, tower: nn.Module) -> mx.array:
+        """(N, H, W, 3) pixels through the vision `tower` -> (N, 256, text hidden) soft tokens."""
+        tokens = tower(pixel_values)
         tokens = tokens * mx.array(self.config.vision.hidden_size**0.5, dtype=tokens.dtype)
         return self.embed_vision(soft_tokens=tokens)
 
-    def embed_audio_features(self, features: mx.array, padding: mx.array) -> mx.array:
-        """(N, T, mels) log-mel frames with their padding mask -> (N, audio_soft_tokens, text hidden).
-        Padded positions, and the slots the prompt reserved beyond the encoder's output, hold the
-        embedding of the last audio id, as in the reference."""
-        encodings, padded = self._run_tower("audio", features, padding)
+    def embed_audio_features(self, features: mx.array, padding: mx.array, tower: nn.Module) -> mx.array:
+        """(N, T, mels) log-mel frames with their padding mask, through the audio `tower` ->
+        (N, audio_soft_tokens, text hidden). Padded positions, and the slots the prompt reserved
+        beyond the encoder's output, hold the embedding of the last audio id, as in the reference."""
+        encodings, padded = tower(features, padding)
         soft = self.embed_audio(soft_tokens=encodings)
-        filler = self.embed_audio(ids=mx.array([[self.config.text.vocab_size - 1]])).astype(soft.dtype)
+        filler = self.embed_multimodal_ids()[-1].astype(soft.dtype)
         soft = mx.where(padded[..., None], filler, soft)
         missing = self.config.audio_soft_tokens_per_image - soft.shape[1]
         if missing > 0:
@@ -105,7 +109,7 @@ class Gemma3n(nn.Module):
 def _scatter(x: mx.array, ids: mx.array, token_id: int, rows: mx.array, kind: str) -> mx.array:
     batch, positions = np.nonzero(np.array(ids) == token_id)
     if len(positions) != rows.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"The prompt has {len(positions)} {kind} placeholder tokens but {rows.shape[0]} {kind} soft tokens "
             f"were given: build the prompt with the same {kind}s you pass in."
         )

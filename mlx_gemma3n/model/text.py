@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from ..cache import KVCache, SlidingWindowCache, attention_mask
 from ..config import TextConfig
+from ..plan import Plan
 
 
 class RMSNorm(nn.Module):
@@ -86,13 +87,18 @@ class MLP(nn.Module):
         # gaussian gate keeps the top (1 - sparsity) of its values.
         self.std_multiplier = NormalDist().inv_cdf(sparsity) if sparsity > 0 else None
 
-    def __call__(self, x: mx.array) -> mx.array:
-        gate = self.gate_proj(x)
+    def __call__(self, x: mx.array, width: int | None = None) -> mx.array:
+        """`width` runs only that prefix of the feed-forward (a MatFormer sub-model)."""
+        gate_proj, up_proj, down_proj = self.gate_proj, self.up_proj, self.down_proj
+        if width is not None and width < gate_proj.weight.shape[0]:
+            gate_proj, up_proj = prefix_rows(gate_proj, width), prefix_rows(up_proj, width)
+            down_proj = prefix_columns(down_proj, width)
+        gate = gate_proj(x)
         if self.std_multiplier is not None:
             mean = gate.mean(axis=-1, keepdims=True)
             std = mx.sqrt(mx.var(gate, axis=-1, keepdims=True))
             gate = nn.relu(gate - (mean + std * mx.array(self.std_multiplier, dtype=gate.dtype)))
-        return self.down_proj(nn.gelu_approx(gate) * self.up_proj(x))
+        return down_proj(nn.gelu_approx(gate) * up_proj(x))
 
 
 class Attention(nn.Module):
@@ -101,7 +107,7 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.is_kv_shared = config.kv_source(layer) != layer
+        self.is_kv_shared = layer >= config.first_kv_shared_layer
         dims, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(dims, self.n_heads * self.head_dim, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -189,14 +195,14 @@ class DecoderLayer(nn.Module):
         self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, dims, bias=False)
         self.post_per_layer_input_norm = RMSNorm(dims, eps)
 
-    def __call__(self, streams, per_layer_input, mask, offset, cache=None, shared_kv=None):
+    def __call__(self, streams, per_layer_input, mask, offset, cache=None, shared_kv=None, ffn_width=None):
         predictions = self.altup.predict(streams)
         active = predictions[self.active]
 
         x = self.input_layernorm(active)
         attn, kv = self.self_attn(x, mask, offset, cache, shared_kv)
         h = (active + self.post_attention_layernorm(attn) + self.laurel(x)) * (1 / math.sqrt(2))
-        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), ffn_width))
 
         corrected = self.altup.correct(predictions, h)
         first = corrected[self.active]
@@ -230,7 +236,7 @@ class TextModel(nn.Module):
         self.per_layer_projection_norm = RMSNorm(ple_dims, config.rms_norm_eps)
         self.altup_projections = [nn.Linear(dims, dims, bias=False) for _ in range(config.altup_num_inputs - 1)]
         self.altup_unembed_projections = [nn.Linear(dims, dims, bias=False) for _ in range(config.altup_num_inputs - 1)]
-        self.kv_sources = {config.kv_source(i) for i in range(config.first_kv_shared_layer, n_layers)}
+        self.plan = Plan.full(config)  # the plan a call without one runs
 
     def per_layer_inputs(self, ids: mx.array) -> mx.array:
         """The token-identity half of the per-layer inputs: (B, L, layers, ple_dims).
@@ -249,24 +255,13 @@ class TextModel(nn.Module):
             return projected
         return (projected + per_layer_inputs) * mx.array(2**-0.5, dtype=embeddings.dtype)
 
-    def make_cache(self) -> list:
-        """One cache per layer that computes keys and values: sliding layers keep only the
-        window, full layers grow, KV-shared layers need none."""
-        c = self.config
+    def make_cache(self, plan: Plan | None = None) -> list:
+        """One cache per layer of the plan that computes keys and values: sliding layers keep
+        only the window, full layers grow, KV-shared layers need none."""
         return [
-            SlidingWindowCache(c.sliding_window) if kind == "sliding_attention" else KVCache()
-            for kind in c.layer_types[: c.first_kv_shared_layer]
+            SlidingWindowCache(self.config.sliding_window) if kind == "sliding_attention" else KVCache()
+            for kind in (plan or self.plan).cache_kinds
         ]
-
-    def _masks(self, n: int, cache) -> dict[str, object]:
-        c = self.config
-        masks = {}
-        for kind in set(c.layer_types):
-            if cache is not None:
-                masks[kind] = cache[c.layer_types.index(kind)].mask(n)
-            else:
-                masks[kind] = attention_mask(n, window=c.sliding_window if kind == "sliding_attention" else None)
-        return masks
 
     def __call__(
         self,
@@ -274,9 +269,13 @@ class TextModel(nn.Module):
         cache: list | None = None,
         embeddings: mx.array | None = None,
         per_layer_inputs: mx.array | None = None,
-    ) -> mx.array:
-        """`embeddings` are scaled like `embed_tokens(ids)`; when both are given, the ids still supply
-        the per-layer inputs (so multimodal embeddings keep the token-identity half)."""
+        plan: Plan | None = None,
+        fill_cache_only: bool = False,
+    ) -> mx.array | None:
+        """Final normed hidden states, or None with `fill_cache_only`: then only the layers that
+        fill the cache run (a prompt chunk whose logits are not needed). `embeddings` are scaled
+        like `embed_tokens(ids)`; when both are given, the ids still supply the per-layer inputs
+        (so multimodal embeddings keep the token-identity half)."""
         if embeddings is None:
             if ids is None:
                 raise ValueError("Give token ids, embeddings, or both.")
@@ -285,33 +284,72 @@ class TextModel(nn.Module):
             per_layer_inputs = self.per_layer_inputs(ids)
         per_layer_inputs = self.project_per_layer_inputs(embeddings, per_layer_inputs)
 
-        c = self.config
+        plan = plan or self.plan
+        n = embeddings.shape[1]
         offset = cache[0].offset if cache else 0
-        masks = self._masks(embeddings.shape[1], cache)
+        masks = {
+            kind: cache[plan.first_slot(kind)].mask(n) if cache else
+            attention_mask(n, window=self.config.sliding_window if kind == "sliding_attention" else None)
+            for kind in set(plan.cache_kinds)
+        }
+        steps = plan.steps[: plan.last_cache_step + 1] if fill_cache_only else plan.steps
 
         target_rms = mx.sqrt(mx.mean(embeddings * embeddings, axis=-1, keepdims=True))
         streams = mx.stack(
             [embeddings] + [_match_magnitude(proj(embeddings), target_rms) for proj in self.altup_projections]
         )
-        shared_kv = {}  # source layer -> its (keys, values), for the KV-shared layers above
-        for i, layer in enumerate(self.layers):
-            source = c.kv_source(i)
-            layer_cache = cache[i] if cache is not None and source == i else None
-            streams, kv = layer(
-                streams, per_layer_inputs[:, :, i, :], masks[c.layer_types[i]], offset, layer_cache, shared_kv.get(source)
+        shared_kv = {}  # step -> its (keys, values), for the KV-shared steps above
+        for position, step in enumerate(steps):
+            layer_cache = cache[step.cache_slot] if cache is not None and step.cache_slot is not None else None
+            streams, kv = self.layers[step.layer](
+                streams, per_layer_inputs[:, :, step.layer, :], masks[step.attention], offset, layer_cache,
+                shared_kv.get(step.kv_source), step.ffn_width,
             )
-            if i in self.kv_sources:
-                shared_kv[i] = kv
-            if embeddings.shape[1] > 1 and i < c.first_kv_shared_layer - 1 and mx.default_device() == mx.gpu:
+            if step.feeds_shared:
+                shared_kv[position] = kv
+            if n > 1 and position < plan.last_cache_step and mx.default_device() == mx.gpu:
                 # A GPU back-end holds the temporaries of every command in flight: a prompt
                 # evaluated layer by layer needs one layer's activations at a time (E2B, 512
-                # tokens, H100: 0.2 GB instead of 0.5-0.7). Only up to the layers whose caches
-                # the prompt fills, so nothing is computed that would not be used. The CPU
-                # back-end frees as it goes and gains nothing.
+                # tokens, H100: 0.2 GB instead of 0.5-0.7). The CPU back-end frees as it goes
+                # and gains nothing.
                 mx.eval(streams)
+        if fill_cache_only:
+            return None
 
         target_rms = mx.sqrt(mx.mean(streams[0] * streams[0], axis=-1, keepdims=True))
         streams = [streams[0]] + [
             _match_magnitude(proj(streams[i + 1]), target_rms) for i, proj in enumerate(self.altup_unembed_projections)
         ]
         return self.norm(mx.mean(mx.stack(streams), axis=0))
+
+
+def prefix_rows(linear: nn.Module, n: int) -> nn.Module:
+    """The first `n` outputs of a (possibly quantized) bias-free linear layer: a view, no copy."""
+    return _with(linear, {k: v[:n] for k, v in _weights(linear).items()})
+
+
+def prefix_columns(linear: nn.Module, n: int) -> nn.Module:
+    """The part of a bias-free linear layer that reads the first `n` inputs. Quantized weights are
+    cut on group boundaries (`n` a multiple of the group size)."""
+    weights = _weights(linear)
+    if "scales" in weights:
+        if n % linear.group_size:
+            raise ValueError(f"A width of {n} does not fall on the quantization's {linear.group_size}-wide groups.")
+        columns = {"weight": n * linear.bits // 32, "scales": n // linear.group_size, "biases": n // linear.group_size}
+        weights = {k: v[:, : columns[k]] for k, v in weights.items()}
+    else:
+        weights = {"weight": weights["weight"][:, :n]}
+    return _with(linear, weights)
+
+
+def _weights(linear: nn.Module) -> dict[str, mx.array]:
+    return {k: linear[k] for k in ("weight", "scales", "biases") if k in linear}
+
+
+def _with(linear: nn.Module, weights: dict[str, mx.array]) -> nn.Module:
+    """A shallow copy of `linear` holding `weights`: the layer's own code runs on the slice."""
+    sliced = object.__new__(type(linear))
+    sliced.__dict__.update(linear.__dict__)
+    dict.update(sliced, linear)
+    dict.update(sliced, weights)
+    return sliced

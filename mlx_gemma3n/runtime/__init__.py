@@ -1,0 +1,2 @@
+"""Running the model for callers: the engine (one generation thread per model), generation,
+chat sessions and attachments."""
