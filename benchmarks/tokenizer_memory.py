@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         for _ in range(args.runs):
             proc = subprocess.run([sys.executable, __file__, "--child", way, "--path", str(args.path)],
                                   capture_output=True, text=True, check=True)
-            results.append(json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT "))))
+            line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+            results.append(json.loads(line.removeprefix("RESULT ")))
         print(f"{way:<26} {_summary([r['rss'] for r in results]):>14} {_summary([r['trimmed'] for r in results]):>14} "
               f"{_summary([r['peak'] for r in results]):>14}   {meaning}", flush=True)
     return 0

@@ -27,7 +27,8 @@ def fib(n: int) -> int:
 if __name__ == "__main__":
 \tprint({"x": [1, 2.5, None], 'y': f"{fib(10):>8}"})  # → 55
 '''
-C_AND_SHELL = "int main(void) {\n    char *s = \"\\t\\n\";\n    return s[0] != '\\0';\n}\n$ gcc -O2 a.c && ./a.out | tee log\n"
+C_AND_SHELL = ("int main(void) {\n    char *s = \"\\t\\n\";\n    return s[0] != '\\0';\n}\n"
+               "$ gcc -O2 a.c && ./a.out | tee log\n")
 JSON_AND_HTML = '{"key": "välue", "list": [1, 2, {"nested": null}]}\n<div class="a">&amp; &lt;b&gt;</div>\n'
 
 TEXTS = [
