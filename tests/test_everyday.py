@@ -55,3 +55,80 @@ def test_transcribing_a_too_short_recording_is_an_error_not_an_empty_text(loaded
     model, tokenizer = loaded
     with pytest.raises(InputError, match="needs at least 0.033 s of audio"):
         transcribe(model, tokenizer, np.zeros(320, np.float32))
+
+
+def test_a_converted_checkpoint_gets_the_permissions_of_any_new_directory(tiny, tmp_path):
+    import os
+
+    from mlx_gemma3n.convert import convert
+
+    out = convert(tiny[0], tmp_path / "converted", show_progress=False)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["converted"]
+
+
+def under_a_file(tmp):
+    (tmp / "a-file").write_text("")
+    return tmp / "a-file" / "sub" / "out"
+
+
+def not_empty(tmp):
+    (tmp / "full").mkdir()
+    (tmp / "full" / "x").write_text("")
+    return tmp / "full"
+
+
+@pytest.mark.parametrize(
+    "make_out, message",
+    [(under_a_file, "a-file is a file, so .* choose another --out."), (not_empty, "already exists and is not empty")],
+    ids=["parent-is-a-file", "not-empty"],
+)
+def test_an_output_path_that_cannot_be_used_is_refused_before_any_work(tiny, tmp_path, monkeypatch, make_out, message):
+    from mlx_gemma3n import convert as convert_module
+
+    def no_work(model):
+        raise AssertionError("the checkpoint was opened before the output path was checked")
+
+    monkeypatch.setattr(convert_module.Checkpoint, "open", no_work)
+    with pytest.raises(convert_module.ConvertError, match=message) as e:
+        convert_module.convert(tiny[0], make_out(tmp_path), show_progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_a_read_only_destination_is_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
+    from mlx_gemma3n import convert as convert_module
+
+    monkeypatch.setattr(convert_module, "_writable", lambda directory: directory != tmp_path)
+    assert convert_module.main(["--model", str(tiny[0]), "--out", str(tmp_path / "new" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path} cannot be written to (a read-only file system, or not your directory): choose another --out.\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_that_fails_midway_is_one_sentence_and_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from mlx_gemma3n import convert as convert_module
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(convert_module, "_write_file", read_only)
+    assert convert_module.main(["--model", str(tiny[0]), "--out", str(tmp_path / "out")]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert last == f"error: Could not write {tmp_path / 'out'} (Read-only file system); nothing was left behind: choose another --out."
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_converting_says_interrupted_and_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
+    from mlx_gemma3n import convert as convert_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "_write_file", interrupted)
+    assert convert_module.main(["--model", str(tiny[0]), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+    assert list(tmp_path.iterdir()) == []
