@@ -132,3 +132,15 @@ def test_ctrl_c_while_converting_says_interrupted_and_leaves_nothing(tiny, tmp_p
     assert convert_module.main(["--model", str(tiny[0]), "--out", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_running_the_package_lists_its_commands():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mlx_gemma3n"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("mlx_gemma3n ")
+    for command in ("chat", "generate", "transcribe", "convert"):
+        assert f"python -m mlx_gemma3n.{command} " in out.stdout
+    assert "mlx-gemma3n-chat" in out.stdout
