@@ -144,3 +144,47 @@ def test_running_the_package_lists_its_commands():
     for command in ("chat", "generate", "transcribe", "convert"):
         assert f"python -m mlx_gemma3n.{command} " in out.stdout
     assert "mlx-gemma3n-chat" in out.stdout
+
+
+def load_from_hub(endpoint: str, tmp_path) -> str:
+    """What loading a repo id prints, in a fresh process whose Hub is `endpoint`."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="2")
+    env.pop("HF_HUB_OFFLINE", None)
+    script = (
+        "import mlx_gemma3n\n"
+        "try:\n    mlx_gemma3n.load('google/gemma-3n-E2B-it')\n"
+        "except mlx_gemma3n.errors.CheckpointError as e:\n    print(e)\n"
+    )
+    # The timeout bounds the test: before, an unresponsive Hub hung the load for good.
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    return out.stdout
+
+
+def test_a_hub_that_never_answers_is_one_sentence_after_the_timeout(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:  # accepts (the kernel's backlog), never answers
+        port = server.getsockname()[1]
+        printed = load_from_hub(f"http://127.0.0.1:{port}", tmp_path)
+    assert printed == (
+        f"The Hugging Face Hub at http://127.0.0.1:{port} did not answer within 2 s: "
+        "check your connection, or pass a local directory.\n"
+    )
+
+
+def test_a_hub_that_refuses_the_connection_is_one_sentence(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        printed = load_from_hub(f"http://127.0.0.1:{port}", tmp_path)
+    assert printed == (
+        f"The Hugging Face Hub at http://127.0.0.1:{port} cannot be reached (it refused the connection): "
+        "check your connection, or pass a local directory.\n"
+    )
