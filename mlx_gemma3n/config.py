@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+import numbers
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,111 @@ def _same(section: str, name: str, a, b) -> None:
         raise ConfigError(f"{section}: {name} is given twice with different values ({a} and {b}).")
 
 
+# What a field's value may be beyond its type. Integers are positive unless listed as
+# non-negative; numbers may be any finite value unless listed as positive or as fractions.
+_NON_NEGATIVE = frozenset(
+    """
+    altup_active_idx num_kv_shared_layers conf_attention_context_left conf_attention_context_right vocab_offset
+    eos_token_ids boi_token_id eoi_token_id image_token_id boa_token_id eoa_token_id audio_token_id
+    """.split()
+)
+_POSITIVE = frozenset(
+    """
+    rms_norm_eps rope_theta rope_local_base_freq final_logit_softcapping altup_coef_clip gradient_clipping
+    conf_attention_logit_cap sscp_conv_group_norm_eps
+    """.split()
+)
+_FRACTIONS = frozenset({"activation_sparsity_pattern"})  # probabilities in [0, 1)
+_CHOICES = {
+    "hidden_activation": ("gelu_pytorch_tanh", "gelu"),
+    "layer_types": ("full_attention", "sliding_attention"),
+    "architecture": ("mobilenetv5_300m_enc",),
+}
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (numbers.Integral, "an integer"), (numbers.Real, "a float"),
+                       (str, "a string"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "a list" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+
+
+def _expected(name: str, hint) -> str:
+    if hint is int:
+        return "a non-negative integer" if name in _NON_NEGATIVE else "a positive integer"
+    if hint is float:
+        return "a positive number" if name in _POSITIVE else "a number in [0, 1)" if name in _FRACTIONS else "a finite number"
+    if hint is bool:
+        return "true or false"
+    if hint is str:
+        return "one of " + ", ".join(json.dumps(c) for c in _CHOICES[name]) if name in _CHOICES else "a string"
+    if hint is dict:
+        return "an object"
+    return "a list"
+
+
+def _in_range(name: str, hint, value) -> bool:
+    if hint is int:
+        return value >= 0 if name in _NON_NEGATIVE else value > 0
+    if hint is float:
+        return math.isfinite(value) and (
+            value > 0 if name in _POSITIVE else 0 <= value < 1 if name in _FRACTIONS else True
+        )
+    if hint is str and name in _CHOICES:
+        return value in _CHOICES[name]
+    return True
+
+
+def _checked(where: str, name: str, value, hint):
+    """`value` as the type `hint` asks for (lists become tuples), or a ConfigError naming `where`.
+
+    An integer must be a JSON integer: transformers writes them so, and a 4.0 or a "4" means the
+    file was made by hand or by a tool we should not trust to have got the rest right.
+    """
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} is {_shown(value)} ({_kind(value)}); it must be a list.")
+        if items[-1] is not Ellipsis and len(value) != len(items):
+            raise ConfigError(f"{where} is {_shown(value)} (a list of {len(value)}); it must be a list of {len(items)} items.")
+        each = items if items[-1] is not Ellipsis else (items[0],) * len(value)
+        return tuple(_checked(f"{where}[{i}]", name, v, h) for i, (v, h) in enumerate(zip(value, each)))
+    kinds = {int: numbers.Integral, float: numbers.Real, bool: bool, str: str, dict: dict}[hint]
+    if not isinstance(value, kinds) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where} is {_shown(value)} ({_kind(value)}); it must be {_expected(name, hint)}.")
+    normalised = hint(value) if hint in (int, float) else value
+    if not _in_range(name, hint, normalised):
+        raise ConfigError(f"{where} is {_shown(value)}; it must be {_expected(name, hint)}.")
+    return normalised
+
+
+def _check_fields(config, section: str) -> None:
+    """Check every field of the dataclass `config` against its annotation, normalising in place."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        if f.name != "raw" and not is_dataclass(hints[f.name]):  # the sections check themselves
+            where = f"{section}.{f.name}" if section else f.name
+            object.__setattr__(config, f.name, _checked(where, f.name, getattr(config, f.name), hints[f.name]))
+
+
+def _section(where: str, value) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} is {_shown(value)} ({_kind(value)}); it must be an object.")
+    return value
+
+
 @dataclass(frozen=True)
 class TextConfig:
     vocab_size: int = 262_400
@@ -83,6 +191,9 @@ class TextConfig:
     activation_sparsity_pattern: tuple[float, ...] = ()
     attention_bias: bool = False
 
+    def __post_init__(self):
+        _check_fields(self, "text_config")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TextConfig":
         section = "text_config"
@@ -91,37 +202,38 @@ class TextConfig:
         }
         _check_known(section, d, known)
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        n = int(d.get("num_hidden_layers", cls.num_hidden_layers))
+        n = _checked(f"{section}.num_hidden_layers", "num_hidden_layers", d.get("num_hidden_layers", cls.num_hidden_layers), int)
         kw["num_hidden_layers"] = n
 
         if d.get("rope_scaling"):
             raise ConfigError(f"{section}: rope_scaling {d['rope_scaling']} is not supported (Gemma 3n uses plain RoPE).")
         if d.get("use_bidirectional_attention"):
             raise ConfigError(f"{section}: use_bidirectional_attention is set; Gemma 3n generation is causal.")
-        rope = d.get("rope_parameters") or {}
+        rope = _section(f"{section}.rope_parameters", d.get("rope_parameters") or {})
         for layer_type, ours in (("full_attention", "rope_theta"), ("sliding_attention", "rope_local_base_freq")):
-            params = rope.get(layer_type) or {}
+            where = f"{section}.rope_parameters.{layer_type}"
+            params = _section(where, rope.get(layer_type) or {})
             if params.get("rope_type", "default") != "default":
                 raise ConfigError(f"{section}: rope_type {params['rope_type']!r} for {layer_type} is not supported.")
-            _same(section, f"the {layer_type} rope theta", params.get("rope_theta"), d.get(ours))
+            if ours in d:
+                kw[ours] = _checked(f"{section}.{ours}", ours, d[ours], float)
             if "rope_theta" in params:
-                kw[ours] = float(params["rope_theta"])
-        if rope and "rope_theta" in d and "full_attention" not in rope:
-            kw["rope_theta"] = float(d["rope_theta"])
+                theta = _checked(f"{where}.rope_theta", ours, params["rope_theta"], float)
+                _same(section, f"the {layer_type} rope theta", theta, kw.get(ours))
+                kw[ours] = theta
 
         ffn = d.get("intermediate_size", 16_384)
-        ffn = tuple(ffn) if isinstance(ffn, (list, tuple)) else (int(ffn),) * n
-        kw["intermediate_size"] = ffn
-        kw["layer_types"] = tuple(
-            d.get("layer_types") or ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(n)]
-        )
+        kw["intermediate_size"] = ffn if isinstance(ffn, (list, tuple)) else [ffn] * n
+        kw["layer_types"] = d.get("layer_types") or [
+            "full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(n)
+        ]
         sparsity = d.get("activation_sparsity_pattern")
         if sparsity is None:
             sparse = 10 if n > 10 else 0
             sparsity = [0.95] * sparse + [0.0] * (n - sparse)
         elif not isinstance(sparsity, (list, tuple)):
             sparsity = [sparsity] * n
-        kw["activation_sparsity_pattern"] = tuple(float(s) for s in sparsity)
+        kw["activation_sparsity_pattern"] = sparsity
         config = cls(**kw)
         config.validate()
         return config
@@ -131,8 +243,6 @@ class TextConfig:
         for name in ("intermediate_size", "layer_types", "activation_sparsity_pattern"):
             if len(getattr(self, name)) != n:
                 raise ConfigError(f"{s}: {name} has {len(getattr(self, name))} entries for {n} layers.")
-        if bad := set(self.layer_types) - {"full_attention", "sliding_attention"}:
-            raise ConfigError(f"{s}: unknown layer types {sorted(bad)}.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"{s}: {self.num_attention_heads} heads cannot share {self.num_key_value_heads} kv heads.")
         if not 0 <= self.num_kv_shared_layers < n:
@@ -141,8 +251,6 @@ class TextConfig:
             raise ConfigError(f"{s}: the KV-shared layers need a layer of each type below them to share from.")
         if not 0 <= self.altup_active_idx < self.altup_num_inputs:
             raise ConfigError(f"{s}: altup_active_idx {self.altup_active_idx} is out of range.")
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
-            raise ConfigError(f"{s}: hidden_activation {self.hidden_activation!r} is not supported.")
 
     @property
     def first_kv_shared_layer(self) -> int:
@@ -165,13 +273,13 @@ class VisionConfig:
     vocab_offset: int = 262_144
     rms_norm_eps: float = 1e-6
 
+    def __post_init__(self):
+        _check_fields(self, "vision_config")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
         _check_known("vision_config", d, {f.name for f in fields(cls)} | {"do_pooling", "pretrained_cfg"})
-        config = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-        if config.architecture != "mobilenetv5_300m_enc":
-            raise ConfigError(f"vision_config: architecture {config.architecture!r} is not supported (mobilenetv5_300m_enc is).")
-        return config
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass(frozen=True)
@@ -196,16 +304,13 @@ class AudioConfig:
     sscp_conv_kernel_size: tuple[tuple[int, int], ...] = ((3, 3), (3, 3))
     sscp_conv_stride_size: tuple[tuple[int, int], ...] = ((2, 2), (2, 2))
 
+    def __post_init__(self):
+        _check_fields(self, "audio_config")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AudioConfig":
         _check_known("audio_config", d, {f.name for f in fields(cls)})
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        for name in ("sscp_conv_kernel_size", "sscp_conv_stride_size"):
-            if name in kw:
-                kw[name] = tuple(tuple(int(v) for v in pair) for pair in kw[name])
-        if "sscp_conv_channel_size" in kw:
-            kw["sscp_conv_channel_size"] = tuple(kw["sscp_conv_channel_size"])
-        return cls(**kw)
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass(frozen=True)
@@ -224,6 +329,9 @@ class ModelConfig:
     audio_token_id: int = 262_273
     quantization: dict | None = None  # written by our converter (and mlx-vlm's)
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        _check_fields(self, "")
 
     _TOKEN_FIELDS = (
         "audio_soft_tokens_per_image", "vision_soft_tokens_per_image", "boi_token_id", "eoi_token_id",
@@ -244,23 +352,24 @@ class ModelConfig:
         _check_known("config.json", d, known)
         if "text_config" not in d:
             raise ConfigError("config.json has no text_config: it is not a complete Gemma 3n config.")
-        text = TextConfig.from_dict(d["text_config"])
-        eos = _ids(d.get("eos_token_id")) + _ids(d["text_config"].get("eos_token_id", 1))
+        text_config = _section("text_config", d["text_config"])
+        text = TextConfig.from_dict(text_config)
+        eos = _ids(d.get("eos_token_id")) + _ids(text_config.get("eos_token_id", 1))
         return cls(
             text=text,
-            vision=VisionConfig.from_dict(d.get("vision_config") or {}),
-            audio=AudioConfig.from_dict(d.get("audio_config") or {}),
-            eos_token_ids=tuple(dict.fromkeys(eos)) or (1,),
+            vision=VisionConfig.from_dict(_section("vision_config", d.get("vision_config") or {})),
+            audio=AudioConfig.from_dict(_section("audio_config", d.get("audio_config") or {})),
+            eos_token_ids=tuple(dict.fromkeys(_checked("eos_token_id", "eos_token_ids", eos, tuple[int, ...]))) or (1,),
             quantization=d.get("quantization") or d.get("quantization_config"),
             raw=d,
-            **{k: int(d[k]) for k in cls._TOKEN_FIELDS if d.get(k) is not None},
+            **{k: d[k] for k in cls._TOKEN_FIELDS if d.get(k) is not None},
         )
 
 
-def _ids(value) -> tuple[int, ...]:
+def _ids(value) -> list:
     if value is None:
-        return ()
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -21,8 +21,8 @@ import json
 import os
 import shutil
 import struct
+import secrets
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,8 +224,7 @@ def convert(
     if recipe not in RECIPES:
         raise ConvertError(f"Unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}.")
     out = Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConvertError(f"{out} already exists and is not empty: choose another --out or remove it.")
+    check_output(out)
     try:
         checkpoint = Checkpoint.open(model)
     except CheckpointError as e:
@@ -247,7 +246,10 @@ def convert(
             f"{free / 1e9:.2f} GB are free. Nothing was written."
         )
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # os.mkdir, unlike tempfile.mkdtemp (0o700), honours the umask: the renamed result gets the
+    # permissions any directory the person makes gets.
+    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()
     bar = None
     try:
         by_file: dict[str, list[_Tensor]] = {}
@@ -287,10 +289,33 @@ def convert(
                 f"The disk holding {out.parent} filled up while converting (the output needs "
                 f"{total / 1e9:.2f} GB); nothing was left behind. Free some space and convert again."
             ) from None
+        if isinstance(e, OSError):
+            raise ConvertError(
+                f"Could not write {out} ({e.strerror or e}); nothing was left behind: choose another --out."
+            ) from None
         raise
     if bar is not None:
         bar.close()
     return out
+
+
+def check_output(out: Path) -> None:
+    """Fail now, not after minutes of work, when `out` cannot become the converted checkpoint."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"{out} already exists and is not empty: choose another --out or remove it.")
+    ancestor = out.parent
+    while not ancestor.exists():  # the missing parents are created later
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConvertError(f"{ancestor} is a file, so {out} cannot be made inside it: choose another --out.")
+    if not _writable(ancestor):
+        raise ConvertError(
+            f"{ancestor} cannot be written to (a read-only file system, or not your directory): choose another --out."
+        )
+
+
+def _writable(directory: Path) -> bool:
+    return os.access(directory, os.W_OK | os.X_OK)
 
 
 def _quantization_block(tensors, bits, group_size, recipe) -> dict:
@@ -326,8 +351,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         out = convert(args.model, args.out, args.quantize, args.bits, args.group_size, args.recipe, args.ple_bits, dtype)
-    except (ConvertError, CheckpointError) as e:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Gemma3nError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}.", file=sys.stderr)
         return 1
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"Wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s.")

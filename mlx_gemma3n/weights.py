@@ -11,6 +11,7 @@ Knows names and shapes, nothing about layers; layout quirks of a tower live in i
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import struct
@@ -59,12 +60,81 @@ def resolve(model: str | Path) -> Path:
         return path
     if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
         raise CheckpointError(f"{model} does not exist: give a checkpoint directory or a Hugging Face repo id.")
-    try:
-        from huggingface_hub import snapshot_download
+    return download(str(model))
 
-        return Path(snapshot_download(str(model), allow_patterns=DOWNLOAD_PATTERNS))
-    except Exception as e:  # the hub raises many kinds; the person needs one sentence
-        raise CheckpointError(f"Could not download {model} from the Hugging Face Hub ({type(e).__name__}: {e}).") from None
+
+def download(repo_id: str) -> Path:
+    """The files of `repo_id` we need, from the Hub's cache, fetched first when missing or stale.
+
+    Every request has a timeout (`HF_HUB_ETAG_TIMEOUT`, 10 s unless set): snapshot_download's
+    first request has none, so a Hub that accepts connections but never answers hung it for good.
+    Files come one at a time on the calling thread, each with the Hub's own progress bar on a
+    terminal, so that Ctrl-C stops at once (a download thread would finish its file first); the
+    Hub's cache keeps the partial file and resumes it next time. Unreachable, the Hub's cache
+    serves what it holds, as snapshot_download does.
+    """
+    from huggingface_hub import HfApi, constants, hf_hub_download
+
+    if constants.HF_HUB_OFFLINE:
+        return _cached(repo_id) or _refuse(repo_id, RuntimeError("HF_HUB_OFFLINE is set"))
+    timeout = constants.HF_HUB_ETAG_TIMEOUT
+    try:
+        info = HfApi().model_info(repo_id, timeout=timeout)
+        files = [s.rfilename for s in info.siblings or ()
+                 if any(fnmatch.fnmatch(s.rfilename, p) for p in DOWNLOAD_PATTERNS)]
+        # By branch, not by info.sha: the cache then records the branch's commit, which loading offline needs.
+        paths = [hf_hub_download(repo_id, f, etag_timeout=timeout) for f in files]
+    except Exception as e:  # the Hub raises many kinds; the person needs one sentence
+        if _unreachable(e) and (cached := _cached(repo_id)) is not None:
+            return cached
+        _refuse(repo_id, e, timeout)
+    snapshots = {path[: -len(f)] for path, f in zip(paths, files)}
+    if not snapshots:
+        raise CheckpointError(f"{repo_id} on the Hugging Face Hub holds no config or weights: check the name.")
+    if len(snapshots) > 1:
+        raise CheckpointError(f"{repo_id} changed on the Hugging Face Hub while it downloaded: run again to fetch the new version.")
+    return Path(snapshots.pop())
+
+
+def _cached(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _unreachable(e: Exception) -> bool:
+    """A timeout or a failed connection, whichever HTTP library the Hub client uses."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"TimeoutError", "ConnectionError", "ConnectError"}) or any("Timeout" in n for n in names)
+
+
+def _refuse(repo_id: str, e: Exception, timeout: float = 0):
+    from huggingface_hub import constants
+
+    hub = f"The Hugging Face Hub at {constants.ENDPOINT}"
+    names = {c.__name__ for c in type(e).__mro__}
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    text = str(e).lower()
+    if any("Timeout" in n for n in names):
+        message = f"{hub} did not answer within {timeout:g} s: check your connection, or pass a local directory."
+    elif _unreachable(e):
+        reason = ("it refused the connection" if "refused" in text
+                  else "its name does not resolve" if "name" in text or "getaddrinfo" in text else "no connection")
+        message = f"{hub} cannot be reached ({reason}): check your connection, or pass a local directory."
+    elif "GatedRepoError" in names:
+        message = f"{repo_id} is gated on the Hugging Face Hub: accept its licence on its page, then log in with `hf auth login`."
+    elif "RepositoryNotFoundError" in names:
+        message = f"{repo_id} is not a model on the Hugging Face Hub (or it is private): check the name, or log in with `hf auth login`."
+    elif "HF_HUB_OFFLINE" in str(e):
+        message = f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it to download, or pass a local directory."
+    elif status is not None:
+        message = f"{hub} answered HTTP {status} for {repo_id}: try again later, or pass a local directory."
+    else:
+        message = f"Could not download {repo_id} from the Hugging Face Hub ({type(e).__name__}): try again, or pass a local directory."
+    raise CheckpointError(message) from None
 
 
 def model_fingerprint(raw_config: dict) -> str:

@@ -137,6 +137,59 @@ def test_missing_tokenizer(copy):
         load(copy)
 
 
+WRONG_FIELDS = [
+    ("text_config", "num_attention_heads", "4", '"4" (a string); it must be a positive integer.'),
+    ("text_config", "num_hidden_layers", 8.0, "8.0 (a float); it must be a positive integer."),
+    ("text_config", "hidden_size", True, "true (a boolean); it must be a positive integer."),
+    ("text_config", "head_dim", 0, "0; it must be a positive integer."),
+    ("text_config", "num_kv_shared_layers", -1, "-1; it must be a non-negative integer."),
+    ("text_config", "rms_norm_eps", 0, "0; it must be a positive number."),
+    ("text_config", "final_logit_softcapping", "30", '"30" (a string); it must be a positive number.'),
+    ("text_config", "intermediate_size", [128] * 7 + [None], "intermediate_size[7] is null (null)"),
+    ("text_config", "layer_types", "sliding_attention", "(a string); it must be a list."),
+    ("text_config", "hidden_activation", "relu", 'it must be one of "gelu_pytorch_tanh", "gelu".'),
+    ("text_config", "activation_sparsity_pattern", 1.0, "activation_sparsity_pattern[0] is 1.0; it must be a number in [0, 1)."),
+    ("text_config", "altup_correct_scale", 1, "1 (an integer); it must be true or false."),
+    ("text_config", "rope_parameters", {"full_attention": {"rope_theta": "1e6"}}, "full_attention.rope_theta is \"1e6\""),
+    ("vision_config", "architecture", "resnet50", 'it must be one of "mobilenetv5_300m_enc".'),
+    ("vision_config", "model_args", [1], "[1] (a list); it must be an object."),
+    ("audio_config", "conf_num_hidden_layers", "12", '"12" (a string); it must be a positive integer.'),
+    ("audio_config", "sscp_conv_kernel_size", [[3, 3], [3]], "sscp_conv_kernel_size[1] is [3] (a list of 1); it must be a list of 2 items."),
+    ("audio_config", "sscp_conv_channel_size", [128, 32.5], "sscp_conv_channel_size[1] is 32.5 (a float)"),
+    ("audio_config", "conf_residual_weight", float("nan"), "NaN; it must be a finite number."),
+    (None, "audio_token_id", "262273", '"262273" (a string); it must be a non-negative integer.'),
+    (None, "eos_token_id", [1, -106], "eos_token_id[1] is -106; it must be a non-negative integer."),
+    (None, "vision_config", 3, "vision_config is 3 (an integer); it must be an object."),
+]
+
+
+@pytest.mark.parametrize("section, name, value, message", WRONG_FIELDS, ids=[f"{s}.{n}" for s, n, *_ in WRONG_FIELDS])
+def test_a_field_of_the_wrong_type_or_range_is_named(tiny, section, name, value, message):
+    config = json.loads((tiny[0] / "config.json").read_text())
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_dict(config)
+    where = f"{section}.{name}" if section else name
+    assert str(e.value).startswith(where) and message in str(e.value), str(e.value)
+    assert one_line(str(e.value))
+
+
+def test_load_names_the_wrong_field_instead_of_a_type_error(copy):
+    edit_config(copy, lambda c: c["text_config"].update(num_attention_heads="4"))
+    with pytest.raises(CheckpointError) as e:
+        load(copy)
+    assert str(e.value) == (
+        f'{copy / "config.json"}: text_config.num_attention_heads is "4" (a string); it must be a positive integer.'
+    )
+
+
+def test_fields_are_normalised_to_their_types(tiny):
+    config = ModelConfig.from_dict(json.loads((tiny[0] / "config.json").read_text()))
+    assert isinstance(config.text.intermediate_size, tuple) and isinstance(config.text.rms_norm_eps, float)
+    assert config.audio.sscp_conv_kernel_size == ((3, 3), (3, 3))
+    assert isinstance(config.text.layer_types, tuple)
+
+
 def test_both_dialects_parse_to_the_same_config(tiny):
     new = json.loads((tiny[0] / "config.json").read_text())
     old = json.loads(json.dumps(new))

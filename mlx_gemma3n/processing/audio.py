@@ -488,14 +488,28 @@ def _decode(data, head: bytes, what: str) -> tuple[np.ndarray, int]:
     return x, rate
 
 
+def min_samples(config: LogMelConfig = LogMelConfig(), pad_to_multiple_of: int | None = PAD_TO_MULTIPLE_OF) -> int:
+    """The fewest 16 kHz samples that still give one log-mel frame once padded; with fewer there
+    is nothing for the audio tower to encode."""
+    span = config.frame_length + 1
+    return _round_up(span, pad_to_multiple_of) - pad_to_multiple_of + 1 if pad_to_multiple_of else span
+
+
 def as_samples(clip) -> np.ndarray:
     """A clip given the ways the API takes one: a path, bytes, an (array, sample_rate) pair, or an
-    array already at 16 kHz mono; as 16 kHz mono float32."""
+    array already at 16 kHz mono; as 16 kHz mono float32, long enough for the model to hear."""
     if isinstance(clip, tuple):
-        return load_audio(*clip)
-    if isinstance(clip, np.ndarray):
-        return load_audio(clip, SAMPLE_RATE)
-    return load_audio(clip)
+        samples = load_audio(*clip)
+    elif isinstance(clip, np.ndarray):
+        samples = load_audio(clip, SAMPLE_RATE)
+    else:
+        samples = load_audio(clip)
+    if len(samples) < min_samples():
+        needed = math.ceil(min_samples() * 1000 / SAMPLE_RATE) / 1000
+        raise AudioError(
+            f"The recording is {len(samples) / SAMPLE_RATE:.3f} s long; Gemma 3n needs at least {needed:.3f} s of audio."
+        )
+    return samples
 
 
 def load_audio(source, sample_rate: int | None = None) -> np.ndarray:
