@@ -233,6 +233,22 @@ def test_slicing_while_quantizing_equals_quantizing_the_float_slice(e4b_like, tm
     assert worst(np.array(a(mx.array(ids))), np.array(b(mx.array(ids)))) == 0.0
 
 
+def test_the_quantization_block_follows_the_renumbered_layers(e4b_like, tmp_path):
+    mixed = convert(e4b_like, tmp_path / "mixed", quantize=True, bits=4, group_size=32, recipe="mixed",
+                    show_progress=False)
+    out = slice_checkpoint(mixed, tmp_path / "sliced", Submodel([0, 1]), show_progress=False)
+    before = json.loads((mixed / "config.json").read_text())["quantization"]
+    after = json.loads((out / "config.json").read_text())["quantization"]
+    gate = "model.language_model.layers.{}.per_layer_input_gate"
+    assert before[gate.format(9)] == after[gate.format(7)] == {"group_size": 32, "bits": 8}
+    def per_layer(block, i):
+        return {k.split(f".layers.{i}.")[1]: v for k, v in block.items() if f"language_model.layers.{i}." in k}
+
+    assert per_layer(before, 2) and [per_layer(after, i) for i in range(8)] == [per_layer(before, i) for i in range(2, 10)]
+    assert not per_layer(after, 8) and not per_layer(after, 9)
+    load_model(out, dtype=mx.float32)  # every tensor where the config puts it
+
+
 # ----------------------------------------------------------------------------- command line
 
 
