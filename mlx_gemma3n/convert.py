@@ -41,11 +41,25 @@ class ConvertError(Gemma3nError, RuntimeError):
 
 
 _NP = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-_MX = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
+_MX = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32}
 _ST = {mx.bfloat16: "BF16", mx.float16: "F16", mx.float32: "F32", mx.uint32: "U32"}
 _SIZE = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4}
 BLOCK_BYTES = 64 << 20  # source bytes quantized and written at a time
 SHARD_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class TensorPart(TensorLocation):
+    """Some rows of a stored 2-D tensor and, of those, some columns; `shape` is the part's.
+    Ranges are (start, stop) pairs; none means all."""
+
+    stored_shape: tuple[int, int] = (0, 0)
+    rows: tuple[tuple[int, int], ...] = ()
+    cols: tuple[tuple[int, int], ...] = ()
+
+
+def _index(ranges: tuple[tuple[int, int], ...]) -> np.ndarray:
+    return np.concatenate([np.arange(a, b) for a, b in ranges])
 
 
 @dataclass
@@ -98,14 +112,16 @@ def plan(
     ple_bits: int | None = None,
     dtype: str | None = None,
 ) -> list[_Tensor]:
-    """What every tensor of `checkpoint` becomes in the converted output."""
+    """What every tensor of `checkpoint` becomes in the converted output. Weights that are
+    already quantized (packed uint32) are copied as they are."""
     layers = _quantizable_modules(checkpoint.config) if quantize or ple_bits else set()
     tensors = []
     for name, where in checkpoint.locations.items():
         ours = checkpoint.our_name(name)
         if ours is None:
             continue  # tied head, KV weights of KV-shared layers: never used
-        if where.dtype not in _NP:
+        packed = where.dtype == "U32" and checkpoint.quantized
+        if where.dtype not in _NP and not packed:
             raise ConvertError(f"{where.file}: {name} is stored as {where.dtype}; only bf16/f16/f32 checkpoints convert.")
         if ours.startswith(PLE_NAME + "."):
             file = "ple.safetensors"
@@ -113,9 +129,9 @@ def plan(
             file = ours.split(".", 1)[0] + ".safetensors"
         else:
             file = "model"
-        t = _Tensor(name, where, file, dtype or where.dtype)
+        t = _Tensor(name, where, file, where.dtype if packed else dtype or where.dtype)
         module, _, leaf = ours.rpartition(".")
-        if leaf == "weight" and module in layers and quantizable(where.shape, group_size):
+        if leaf == "weight" and not packed and module in layers and quantizable(where.shape, group_size):
             if module == PLE_NAME:
                 t.bits = ple_bits
             elif quantize:
@@ -144,16 +160,20 @@ class _Source:
         self._maps = {}
 
     def rows(self, where: TensorLocation):
-
         if where.file not in self._maps:
             with open(where.file, "rb") as f:
                 self._maps[where.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        count = int(np.prod(where.shape))
-        flat = np.frombuffer(self._maps[where.file], dtype=_NP[where.dtype], count=count, offset=where.offset)
-        matrix = flat.reshape(where.shape[0], -1) if where.shape else flat.reshape(1, 1)
+        stored = where.stored_shape if isinstance(where, TensorPart) else where.shape
+        count = int(np.prod(stored))
+        np_dtype = np.uint32 if where.dtype == "U32" else _NP[where.dtype]
+        flat = np.frombuffer(self._maps[where.file], dtype=np_dtype, count=count, offset=where.offset)
+        matrix = flat.reshape(stored[0], -1) if stored else flat.reshape(1, 1)
+        rows = _index(where.rows) if isinstance(where, TensorPart) and where.rows else None
+        cols = _index(where.cols) if isinstance(where, TensorPart) and where.cols else None
         step = max(1, BLOCK_BYTES // max(1, matrix.strides[0]))
-        for start in range(0, matrix.shape[0], step):
-            block = mx.array(np.ascontiguousarray(matrix[start : start + step]))
+        for start in range(0, matrix.shape[0] if rows is None else len(rows), step):
+            block = matrix[start : start + step] if rows is None else matrix[rows[start : start + step]]
+            block = mx.array(np.ascontiguousarray(block if cols is None else block[:, cols]))
             if hasattr(mmap, "MADV_DONTNEED"):  # keep the read pages out of our resident set
                 self._maps[where.file].madvise(mmap.MADV_DONTNEED)
             yield block.view(mx.bfloat16) if where.dtype == "BF16" else block
@@ -203,6 +223,25 @@ def _copy_side_files(src: Path, dst: Path) -> None:
                 shutil.copy2(f, dst / f.name)
 
 
+def check_options(quantize: bool, bits: int, group_size: int, recipe: str, ple_bits: int | None) -> None:
+    """Refuse quantization options we do not write, before any work starts."""
+    if bits not in BITS or (quantize and bits not in (4, 8) and recipe == "mixed"):
+        raise ConvertError(f"bits must be one of {BITS} (4 or 8 are the tested ones), not {bits}.")
+    if ple_bits is not None and ple_bits not in (4, 8):
+        raise ConvertError(f"--ple-bits must be 4 or 8, not {ple_bits}.")
+    if group_size not in GROUP_SIZES:
+        raise ConvertError(f"group size must be one of {GROUP_SIZES}, not {group_size}.")
+    if recipe not in RECIPES:
+        raise ConvertError(f"Unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}.")
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """`out` as an absolute path, refused (see `check_output`) unless it can become the new checkpoint."""
+    out = Path(out).expanduser().absolute()
+    check_output(out)
+    return out
+
+
 def convert(
     model: str | Path,
     out: str | Path,
@@ -215,16 +254,8 @@ def convert(
     show_progress: bool = True,
 ) -> Path:
     """Convert `model` (a directory or Hugging Face repo id) into `out`; returns `out`."""
-    if bits not in BITS or (quantize and bits not in (4, 8) and recipe == "mixed"):
-        raise ConvertError(f"bits must be one of {BITS} (4 or 8 are the tested ones), not {bits}.")
-    if ple_bits is not None and ple_bits not in (4, 8):
-        raise ConvertError(f"--ple-bits must be 4 or 8, not {ple_bits}.")
-    if group_size not in GROUP_SIZES:
-        raise ConvertError(f"group size must be one of {GROUP_SIZES}, not {group_size}.")
-    if recipe not in RECIPES:
-        raise ConvertError(f"Unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}.")
-    out = Path(out).expanduser().absolute()
-    check_output(out)
+    check_options(quantize, bits, group_size, recipe, ple_bits)
+    out = check_output_dir(out)
     try:
         checkpoint = Checkpoint.open(model)
     except CheckpointError as e:
@@ -236,7 +267,26 @@ def convert(
     if checkpoint.layout != "hf":
         raise ConvertError(f"{checkpoint.path} is an mlx-vlm conversion: convert from the original checkpoint instead.")
     tensors = plan(checkpoint, quantize, bits, group_size, recipe, ple_bits, dtype)
+    config = output_config(checkpoint.config.raw, tensors, quantize, bits, group_size, recipe, ple_bits, dtype)
+    return write_checkpoint(checkpoint.path, tensors, config, out, show_progress, f"Converting to {out.name}")
 
+
+def output_config(raw: dict, tensors, quantize, bits, group_size, recipe, ple_bits, dtype) -> dict:
+    """The config.json of the output: `raw` with the quantization block and dtype it now has."""
+    config = dict(raw)
+    config.pop("quantization_config", None)
+    if quantize or ple_bits:
+        config["quantization"] = _quantization_block(tensors, bits if quantize else ple_bits, group_size, recipe)
+    if dtype:
+        config["dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]
+    return config
+
+
+def write_checkpoint(
+    side_files: Path, tensors: list[_Tensor], config: dict, out: Path, show_progress: bool = True, desc: str = ""
+) -> Path:
+    """Write `tensors` (from `plan`), `config` and the tokenizer and other small files of the
+    directory `side_files` into `out` (checked by `check_output_dir`), all or nothing."""
     total = sum(t.nbytes for t in tensors)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
@@ -259,8 +309,8 @@ def convert(
             from tqdm import tqdm
 
             bar = tqdm(total=sum(int(np.prod(t.source.shape)) * _SIZE[t.source.dtype] for t in tensors),
-                       unit="B", unit_scale=True, desc=f"Converting to {out.name}")
-        metadata = {"format": "mlx", FINGERPRINT_KEY: model_fingerprint(checkpoint.config.raw)}
+                       unit="B", unit_scale=True, desc=desc)
+        metadata = {"format": "mlx", FINGERPRINT_KEY: model_fingerprint(config)}
         source = _Source()
         for file, group in by_file.items():
             _write_file(tmp / file, group, source, metadata, bar.update if bar else (lambda n: None))
@@ -268,13 +318,7 @@ def convert(
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
         )
-        _copy_side_files(checkpoint.path, tmp)
-        config = dict(checkpoint.config.raw)
-        config.pop("quantization_config", None)
-        if quantize or ple_bits:
-            config["quantization"] = _quantization_block(tensors, bits if quantize else ple_bits, group_size, recipe)
-        if dtype:
-            config["dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[dtype]
+        _copy_side_files(side_files, tmp)
         # config.json last: a directory without it is not a checkpoint.
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         if out.exists():

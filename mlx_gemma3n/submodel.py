@@ -1,0 +1,319 @@
+"""MatFormer sub-models of Gemma 3n ("Mix-n-Match"): smaller models inside a larger one.
+
+A sub-model is a set of decoder layers to skip and an FFN width for each kept layer. Kept
+layers are renumbered; their gate and up projections keep rows [:w], the down projection keeps
+columns [:w]; the Per-Layer Embedding table and `per_layer_model_projection` keep the kept
+layers' blocks; `num_kv_shared_layers` drops by the skipped layers inside the KV-shared block;
+the sparsity pattern keeps the kept layers' entries. Nothing else changes.
+
+    Submodel.preset("E2.54B")
+    Submodel(layers_to_skip=[20, 21, 22, 23, 24], ffn_hidden_dims=[8192])
+    slice_checkpoint("google/gemma-3n-E4B-it", "gemma-3n-E2.54B", Submodel.preset("E2.54B"))
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import ModelConfig, TextConfig
+from .convert import (
+    TensorPart, check_options, check_output_dir, output_config, plan, write_checkpoint,
+)
+from .errors import InputError
+from .quantize import DEFAULT_GROUP_SIZE
+from .weights import PLE_NAME, Checkpoint, TensorLocation
+
+_PROJECTION = "language_model.per_layer_model_projection"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A published sub-model of E4B (Google's slicing configs and their pre-trained MMLU)."""
+
+    name: str
+    skipped: tuple[int, ...]
+    wide: tuple[int, ...]  # kept layers at 16384; the others at 8192
+    effective_params_b: float
+    mmlu: float
+
+
+def _span(first: int, last: int) -> tuple[int, ...]:
+    return tuple(range(first, last + 1))
+
+
+E4B_LAYERS = 35
+_NARROW, _WIDE = 8192, 16384
+PRESETS: tuple[Preset, ...] = (
+    Preset("E4B", (), _span(0, 34), 3.98, 62.30),
+    Preset("E2B", _span(20, 24), (), 1.91, 50.90),
+    Preset("E1.96B", _span(20, 24), (4,), 1.96, 53.40),
+    Preset("E2.54B", (), (4, *_span(20, 24)), 2.54, 55.40),
+    Preset("E2.69B", (), (4, 9, 14, *_span(19, 24)), 2.69, 57.70),
+    Preset("E2.98B", (), (*_span(15, 24), *_span(30, 34)), 2.98, 59.50),
+    Preset("E3.18B", (), (4, *_span(9, 24), 29, 34), 3.18, 61.80),
+    Preset("E3.39B", (), (4, *_span(9, 29), 34), 3.39, 63.00),
+    Preset("E3.59B", (), (*_span(4, 29), 34), 3.59, 63.40),
+    Preset("E3.79B", (), _span(4, 34), 3.79, 63.40),
+    Preset("E2.49B-block", (), _span(20, 24), 2.49, 54.50),
+    Preset("E2.73B-block", (), _span(15, 24), 2.73, 57.10),
+    Preset("E2.98B-block", (), _span(10, 24), 2.98, 59.50),
+    Preset("E3.24B-block", (), _span(10, 29), 3.24, 60.70),
+    Preset("E3.49B-block", (), _span(5, 29), 3.49, 61.40),
+    # Google's table names it E3.79B, but with five narrow layers it has 3.74 B (as it says).
+    Preset("E3.79B-block", (), _span(5, 34), 3.74, 62.00),
+)
+
+
+def _text(config: TextConfig | ModelConfig) -> TextConfig:
+    return config.text if isinstance(config, ModelConfig) else config
+
+
+def _ints(values, what: str) -> tuple[int, ...]:
+    values = (values,) if isinstance(values, int) else tuple(values or ())
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be whole numbers, not {list(values)}.") from None
+
+
+@dataclass(frozen=True)
+class Submodel:
+    """Layers to skip and FFN widths: one per kept layer, one for all, or none (as stored)."""
+
+    layers_to_skip: tuple[int, ...] = ()
+    ffn_hidden_dims: tuple[int, ...] = ()
+    name: str | None = None
+    num_layers: int | None = None  # the layer count the recipe is written for (presets: E4B's)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers_to_skip", tuple(sorted(set(_ints(self.layers_to_skip, "layers_to_skip")))))
+        object.__setattr__(self, "ffn_hidden_dims", _ints(self.ffn_hidden_dims, "ffn_hidden_dims"))
+
+    @classmethod
+    def preset(cls, name: str) -> "Submodel":
+        """One of `PRESETS` by name (any case), as a recipe for E4B."""
+        found = {p.name.lower(): p for p in PRESETS}.get(name.strip().lower())
+        if found is None:
+            raise InputError(f"Unknown preset {name!r}: choose one of {', '.join(p.name for p in PRESETS)}.")
+        kept = [i for i in range(E4B_LAYERS) if i not in found.skipped]
+        widths = [_WIDE if i in found.wide else _NARROW for i in kept]
+        return cls(found.skipped, widths, name=found.name, num_layers=E4B_LAYERS)
+
+    @property
+    def _label(self) -> str:
+        return f"preset {self.name}" if self.name else "the sub-model"
+
+    def validate(self, config: TextConfig | ModelConfig) -> None:
+        """Refuse, in one sentence, a recipe that does not fit `config` or would break the model."""
+        self.widths(config)
+
+    def kept_layers(self, config: TextConfig | ModelConfig) -> tuple[int, ...]:
+        """Stored indices of the layers the sub-model runs."""
+        t = _text(config)
+        n = t.num_hidden_layers
+        if self.num_layers is not None and self.num_layers != n:
+            raise InputError(
+                f"{self._label} is written for a {self.num_layers}-layer model (E4B) and this model has {n} "
+                "layers: choose a recipe for this model."
+            )
+        if bad := [i for i in self.layers_to_skip if not 0 <= i < n]:
+            raise InputError(f"layers_to_skip names layer {bad[0]}, but this model's layers are 0-{n - 1}.")
+        first_shared = t.first_kv_shared_layer
+        sources = sorted({t.kv_source(i) for i in range(first_shared, n)})
+        if bad := [i for i in self.layers_to_skip if i in sources]:
+            raise InputError(
+                f"layer {bad[0]} cannot be skipped: the KV-shared layers {first_shared}-{n - 1} reuse its keys "
+                f"and values (layers {' and '.join(map(str, sources))} must stay)."
+            )
+        kept = tuple(i for i in range(n) if i not in self.layers_to_skip)
+        if not kept:
+            raise InputError(f"{self._label} skips every layer: keep at least one.")
+        return kept
+
+    def widths(self, config: TextConfig | ModelConfig) -> tuple[int, ...]:
+        """The FFN width of each kept layer."""
+        t = _text(config)
+        kept = self.kept_layers(t)
+        stored = [t.intermediate_size[i] for i in kept]
+        dims = self.ffn_hidden_dims
+        if not dims:
+            return tuple(stored)
+        if len(dims) not in (1, len(kept)):
+            raise InputError(
+                f"ffn_hidden_dims has {len(dims)} widths for {len(kept)} kept layers: give one per kept layer or one for all."
+            )
+        widths = dims * len(kept) if len(dims) == 1 else dims
+        for layer, width, have in zip(kept, widths, stored):
+            if not 0 < width <= have:
+                raise InputError(
+                    f"ffn_hidden_dims asks for width {width} at layer {layer}, which stores {have}: "
+                    f"a sub-model keeps between 1 and {have} there."
+                )
+        return tuple(widths)
+
+    def num_kv_shared_layers(self, config: TextConfig | ModelConfig) -> int:
+        t = _text(config)
+        return t.num_kv_shared_layers - sum(i >= t.first_kv_shared_layer for i in self.layers_to_skip)
+
+    def sliced_config(self, config: TextConfig | dict) -> dict:
+        """The text config (a config.json `text_config` dict) of the sub-model; other fields as given."""
+        raw = dict(config) if isinstance(config, dict) else asdict(config)
+        t = TextConfig.from_dict(raw) if isinstance(config, dict) else config
+        kept = self.kept_layers(t)
+        raw.update(
+            num_hidden_layers=len(kept),
+            intermediate_size=list(self.widths(t)),
+            layer_types=[t.layer_types[i] for i in kept],
+            activation_sparsity_pattern=[t.activation_sparsity_pattern[i] for i in kept],
+            num_kv_shared_layers=self.num_kv_shared_layers(t),
+        )
+        return raw
+
+    def effective_parameters(self, config: TextConfig | ModelConfig) -> int:
+        return effective_parameters(TextConfig.from_dict(self.sliced_config(_text(config))))
+
+
+def effective_parameters(config: TextConfig | ModelConfig) -> int:
+    """Parameters that work on every token, as Google counts them: the decoder without the token
+    and Per-Layer Embedding tables and without the towers; the KV-shared layers' K/V projections
+    are counted, as the published files carry them (E4B: 3,980,491,248)."""
+    t = _text(config)
+    h, d, n = t.hidden_size, t.hidden_size_per_layer_input, t.altup_num_inputs
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    attention = 2 * h * q + 2 * h * kv + 2 * t.head_dim  # q, o, k, v and the q/k norms
+    altup = n * n + n**3 + n * h + 2 * h  # correction and prediction coefs, router, its norm, output scale
+    laurel = 2 * h * t.laurel_rank + h
+    per_layer_input = 2 * h * d + h
+    layer = attention + altup + laurel + per_layer_input + 4 * h  # + the four sandwich norms
+    layers = sum(layer + 3 * h * width for width in t.intermediate_size)
+    return layers + t.num_hidden_layers * d * h + d + 2 * (n - 1) * h * h + h
+
+
+# ----------------------------------------------------------------------------- slicing to disk
+
+
+def _part(where: TensorLocation, rows=(), cols=(), logical_cols: int = 0) -> TensorPart:
+    """Rows and columns of `where` by (start, stop) ranges; columns in logical units (one weight),
+    mapped to stored ones (packed words, quantization groups) by the stored width."""
+    n_rows, n_cols = where.shape
+    unit = logical_cols // n_cols if cols else 1
+    stored_cols = tuple((a // unit, b // unit) for a, b in cols)
+    return TensorPart(
+        where.file, where.offset, where.dtype,
+        (sum(b - a for a, b in rows) if rows else n_rows, sum(b - a for a, b in stored_cols) if cols else n_cols),
+        stored_shape=where.shape, rows=tuple(rows), cols=stored_cols,
+    )
+
+
+def _column_unit(checkpoint: Checkpoint, name: str, logical_cols: int) -> int:
+    """How many logical columns one stored column of tensor `name` (or of its quantization
+    groups) holds: 1 unquantized, the group size when quantized."""
+    base = name.rsplit(".", 1)[0]
+    scales = checkpoint.locations.get(base + ".scales")
+    return logical_cols // scales.shape[-1] if scales is not None else 1
+
+
+def _renumber(name: str, old: int, new: int) -> str:
+    return re.sub(rf"(language_model\.layers\.){old}\.", rf"\g<1>{new}.", name, count=1)
+
+
+def _sliced_locations(checkpoint: Checkpoint, submodel: Submodel) -> dict[str, TensorLocation]:
+    """Checkpoint name -> where its bytes lie, for every tensor of the sub-model."""
+    t = checkpoint.config.text
+    kept, widths = submodel.kept_layers(t), submodel.widths(t)
+    new_index = {old: new for new, old in enumerate(kept)}
+    width = dict(zip(kept, widths))
+    d = t.hidden_size_per_layer_input
+    blocks = tuple((k * d, (k + 1) * d) for k in kept)
+    out = {}
+    for name, where in checkpoint.locations.items():
+        ours = checkpoint.our_name(name)
+        if ours is None:
+            continue  # tied head, K/V weights of KV-shared layers
+        parts = ours.split(".")
+        if parts[:2] == ["language_model", "layers"]:
+            old = int(parts[2])
+            if old not in new_index:
+                continue
+            w, stored = width[old], t.intermediate_size[old]
+            if parts[3] == "mlp" and w != stored:
+                if parts[4] in ("gate_proj", "up_proj"):
+                    where = _part(where, rows=((0, w),))
+                else:
+                    unit = _column_unit(checkpoint, name, stored)
+                    if w % unit:
+                        raise InputError(
+                            f"layer {old}'s down_proj is quantized in groups of {unit} columns, so its width must "
+                            f"be a multiple of {unit}, not {w}: choose such widths or slice the unquantized checkpoint."
+                        )
+                    where = _part(where, cols=((0, w),), logical_cols=stored)
+            name = _renumber(name, old, new_index[old])
+        elif ours.startswith(PLE_NAME + "."):
+            unit = _column_unit(checkpoint, name, t.num_hidden_layers * d)
+            if d % unit:
+                raise InputError(
+                    f"the Per-Layer Embedding table is quantized in groups of {unit} columns, which straddle its "
+                    f"{d}-column layer blocks: slice the unquantized checkpoint."
+                )
+            where = _part(where, cols=blocks, logical_cols=t.num_hidden_layers * d)
+        elif ours.startswith(_PROJECTION + "."):
+            where = _part(where, rows=blocks)
+        out[name] = where
+    return out
+
+
+def _sliced_raw_config(checkpoint: Checkpoint, submodel: Submodel) -> dict:
+    raw = dict(checkpoint.config.raw)
+    if "text_config" in raw:
+        raw["text_config"] = submodel.sliced_config(raw["text_config"])
+    else:
+        raw = submodel.sliced_config(raw)
+    if isinstance(raw.get("quantization"), dict):  # per-layer entries follow their layers
+        kept = {old: new for new, old in enumerate(submodel.kept_layers(checkpoint.config.text))}
+        block = {}
+        for key, value in raw["quantization"].items():
+            layer = re.search(r"language_model\.layers\.(\d+)\.", key)
+            if layer is None:
+                block[key] = value
+            elif int(layer.group(1)) in kept:
+                block[_renumber(key, int(layer.group(1)), kept[int(layer.group(1))])] = value
+        raw["quantization"] = block
+    return raw
+
+
+def slice_checkpoint(
+    model: str | Path,
+    out: str | Path,
+    submodel: Submodel,
+    quantize: bool = False,
+    bits: int = 4,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    recipe: str = "uniform",
+    ple_bits: int | None = None,
+    dtype: str | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Write `submodel` of `model` (a Hugging Face checkpoint or one of our conversions) into
+    `out` as a standalone checkpoint, optionally quantized; all or nothing. Returns `out`."""
+    if quantize or ple_bits:
+        check_options(quantize, bits, group_size, recipe, ple_bits)
+    out = check_output_dir(out)
+    checkpoint = Checkpoint.open(model)
+    if checkpoint.layout != "hf":
+        raise InputError(
+            f"{checkpoint.path} is an mlx-vlm conversion: slice the original checkpoint or one converted by "
+            "mlx_gemma3n.convert."
+        )
+    if checkpoint.quantized and (quantize or ple_bits):
+        raise InputError(
+            f"{checkpoint.path} is already quantized: slice it without -q/--ple-bits, or slice the original "
+            "checkpoint and quantize while slicing."
+        )
+    locations = _sliced_locations(checkpoint, submodel)
+    raw = _sliced_raw_config(checkpoint, submodel)
+    sliced = Checkpoint(checkpoint.path, ModelConfig.from_dict(raw), locations)
+    tensors = plan(sliced, quantize, bits, group_size, recipe, ple_bits, dtype)
+    config = output_config(raw, tensors, quantize, bits, group_size, recipe, ple_bits, dtype)
+    return write_checkpoint(checkpoint.path, tensors, config, out, show_progress, f"Slicing to {out.name}")
