@@ -1,6 +1,6 @@
 """Which way to multiply by a quantized weight on the CPU back-end, by number of rows: MLX's
-quantized kernel in the model's dtype, the same kernel in float32, or dequantize to float32 and
-use the float GEMM (BLAS). The E2B shapes; the threshold in `mlx_gemma3n/model/quantized.py`
+quantized kernel in the model's dtype, the same kernel in float32, or the float GEMM (BLAS) with
+the weight dequantized to float32 by MLX (whole) or by us (in blocks). The E2B shapes; the threshold in `mlx_gemma3n/model/quantized.py`
 comes from this table.
 
     export LD_PRELOAD=$(dpkg -L libopenblas0-pthread | grep '/libblas.so.3$')
@@ -16,6 +16,9 @@ import argparse
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_gemma3n.model.quantized import dequantized_product, kernel_product_f32
 
 SHAPES = {"q/o 2048x2048": (2048, 2048), "gate/up 8192x2048": (8192, 2048), "down 2048x8192": (2048, 8192)}
 HEAD = {"head 262400x2048": (262400, 2048)}
@@ -32,19 +35,14 @@ def timed(f, repeats: int) -> list[float]:
     return sorted(times)
 
 
-def methods(wq, scales, biases, group_size, bits):
-    def kernel(x):
-        return mx.quantized_matmul(x, wq, scales.astype(x.dtype), biases.astype(x.dtype), transpose=True,
-                                   group_size=group_size, bits=bits)
-
-    def kernel_f32(x):
-        return kernel(x.astype(mx.float32)).astype(x.dtype)
-
-    def dequantized_f32(x):
-        w = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits, dtype=mx.float32)
+def methods(layer: nn.QuantizedLinear):
+    def mlx_dequantize_f32(x):
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits,
+                          dtype=mx.float32)
         return (x.astype(mx.float32) @ w.T).astype(x.dtype)
 
-    return {"kernel": kernel, "kernel f32": kernel_f32, "dequantize f32": dequantized_f32}
+    return {"kernel": layer, "kernel f32": lambda x: kernel_product_f32(x, layer),
+            "MLX dequantize f32": mlx_dequantize_f32, "ours": lambda x: dequantized_product(x, layer)}
 
 
 def main(argv=None) -> int:
@@ -61,14 +59,14 @@ def main(argv=None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     print(f"device {mx.default_device()}, input {args.dtype}, {args.bits}-bit, group size {args.group_size}; ms, median [min-max]")
     for name, shape in {**SHAPES, **(HEAD if args.head else {})}.items():
-        wq, scales, biases = mx.quantize(mx.random.normal(shape) * 0.02, group_size=args.group_size, bits=args.bits)
-        scales, biases = scales.astype(dtype), biases.astype(dtype)
-        mx.eval(wq, scales, biases)
+        layer = nn.QuantizedLinear.from_linear(nn.Linear(shape[1], shape[0], bias=False), args.group_size, args.bits)
+        layer.set_dtype(dtype)
+        mx.eval(layer.parameters())
         slow = set()
         for n in rows:
             x = mx.random.normal((1, n, shape[1])).astype(dtype)
             cells = []
-            for method, f in methods(wq, scales, biases, args.group_size, args.bits).items():
+            for method, f in methods(layer).items():
                 if method in slow:
                     cells.append(f"{method} {'-':>8}")
                     continue
@@ -77,7 +75,7 @@ def main(argv=None) -> int:
                     slow.add(method)
                 cells.append(f"{method} {t[len(t) // 2] * 1e3:8.1f} [{t[0] * 1e3:.1f}-{t[-1] * 1e3:.1f}]")
             print(f"{name:<18} rows {n:4d}  " + "  ".join(cells), flush=True)
-        del wq, scales, biases
+        del layer
         mx.clear_cache()
     return 0
 

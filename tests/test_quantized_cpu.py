@@ -11,7 +11,7 @@ import pytest
 import mlx_gemma3n
 from mlx_gemma3n.convert import convert
 from mlx_gemma3n.model import quantized
-from mlx_gemma3n.model.quantized import DEQUANTIZE_FROM_ROWS, QuantizedLinear, dequantizes
+from mlx_gemma3n.model.quantized import DEQUANTIZE_FROM_ROWS, QuantizedLinear, dequantizes, quantized_matmul
 
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU back-end's paths")
 
@@ -76,6 +76,13 @@ def test_bias_is_added():
     for rows in (1, MANY):
         x = mx.random.normal((rows, 256))
         assert relative_error(ours(x), theirs(x)) <= 1e-5
+
+
+def test_serves_a_quantized_embedding_as_the_tied_output_head():
+    table = nn.QuantizedEmbedding.from_embedding(nn.Embedding(300, 128), group_size=64, bits=4)
+    for rows in (1, MANY):
+        x = mx.random.normal((1, rows, 128))
+        assert relative_error(quantized_matmul(x, table), table.as_linear(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("rows", [1, MANY])

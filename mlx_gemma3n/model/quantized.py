@@ -32,15 +32,24 @@ def dequantizes(x: mx.array) -> bool:
 def quantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
     """x @ W.T for the quantized weight W of `layer` (an `nn.QuantizedLinear` or
     `nn.QuantizedEmbedding`, whose `as_linear` this also serves); no bias."""
-    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
     if mx.default_device() != mx.cpu or layer.mode != "affine":
-        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=layer.group_size,
-                                   bits=layer.bits, mode=layer.mode)
+        return mx.quantized_matmul(x, layer["weight"], layer["scales"], layer.get("biases"), transpose=True,
+                                   group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    return (dequantized_product if dequantizes(x) else kernel_product_f32)(x, layer)
+
+
+def kernel_product_f32(x: mx.array, layer: nn.Module) -> mx.array:
+    """MLX's quantized kernel, in float32."""
+    y = mx.quantized_matmul(x.astype(mx.float32), layer["weight"], layer["scales"].astype(mx.float32),
+                            layer["biases"].astype(mx.float32), transpose=True, group_size=layer.group_size,
+                            bits=layer.bits)
+    return y.astype(x.dtype)
+
+
+def dequantized_product(x: mx.array, layer: nn.Module) -> mx.array:
+    """The float32 GEMM with the weight dequantized `BLOCK_WEIGHTS` at a time."""
+    w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
     x32 = x.astype(mx.float32)
-    if not dequantizes(x):
-        y = mx.quantized_matmul(x32, w, scales.astype(mx.float32), biases.astype(mx.float32), transpose=True,
-                                group_size=layer.group_size, bits=layer.bits)
-        return y.astype(x.dtype)
     step = max(1, BLOCK_WEIGHTS * layer.bits // (32 * w.shape[-1]))
     parts = [
         x32 @ dequantize_f32(w[i : i + step], scales[i : i + step], biases[i : i + step], layer.group_size, layer.bits).T
