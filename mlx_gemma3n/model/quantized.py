@@ -1,12 +1,12 @@
 """Products with affine-quantized weights that are fast on MLX's CPU back-end as well.
 
-On the CPU, MLX's quantized kernel is a loop over rows (the cost grows with the row count, ~29 ms
-per row of a 2048x2048 4-bit matrix in bfloat16) and is 7x slower in bfloat16 than in float32.
+On the CPU, MLX's quantized kernel is a loop over rows (its cost grows with the row count: ~30 ms
+per row of a 2048x2048 4-bit matrix in bfloat16) and is ~8x slower in bfloat16 than in float32.
 There, a product runs in float32, and from `DEQUANTIZE_FROM_ROWS` rows on (prompt chunks, the
 towers) the weight is dequantized to float32, one block of rows at a time, for the float GEMM:
-a 128-row chunk through E2B's MLP matrices takes ~0.1 s instead of 8 s
-(`benchmarks/cpu_quantized_matmul.py`). The result is cast back to the input's dtype. Other
-devices use MLX's kernel as it is.
+32 rows through a 2048x8192 4-bit matrix take 0.05 s instead of 0.5 s in float32's kernel and
+~4 s in bfloat16's, by its 16-row time (`benchmarks/cpu_quantized_matmul.py`, 2-core x86 with
+OpenBLAS). The result is cast back to the input's dtype. Other devices use MLX's kernel as is.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-# Below this, float32's kernel is faster than dequantizing (E2B's shapes: 1-2 rows for 2048x2048,
-# ~3 for 8192x2048 and 2048x8192; benchmarks/cpu_quantized_matmul.py).
+# Below this, float32's kernel is faster than dequantizing; the two cross at 1-2 rows for E2B's
+# 2048x2048 and at 2-3 rows for its 8192x2048, 2048x8192 and 262400x2048 (the tied head) matrices.
 DEQUANTIZE_FROM_ROWS = 4
-# Weights dequantized at a time: 4 MB in float32 stay in cache for the GEMM that follows; one
-# 64 MB matrix at once took ~2x as long, and smaller blocks add more primitives than they save.
+# Weights dequantized at a time: 4 MB of float32 stay in cache for the GEMM that follows. A whole
+# 8192x2048 matrix at once took up to 2x as long at few rows; smaller blocks only add primitives.
 BLOCK_WEIGHTS = 1 << 20
 
 
