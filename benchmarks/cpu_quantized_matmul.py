@@ -1,7 +1,7 @@
 """Which way to multiply by a quantized weight on the CPU back-end, by number of rows: MLX's
 quantized kernel in the model's dtype, the same kernel in float32, or the float GEMM (BLAS) with
-the weight dequantized to float32 by MLX (whole) or by us (in blocks). The E2B shapes; the threshold in `mlx_gemma3n/model/quantized.py`
-comes from this table.
+the weight dequantized to float32 by MLX (whole) or by us (in blocks). The E2B shapes; the
+threshold in `mlx_gemma3n/model/quantized.py` comes from this table.
 
     export LD_PRELOAD=$(dpkg -L libopenblas0-pthread | grep '/libblas.so.3$')
     python benchmarks/cpu_quantized_matmul.py [--head]
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dtype = getattr(mx, args.dtype)
     rows = [int(r) for r in args.rows.split(",")]
-    print(f"device {mx.default_device()}, input {args.dtype}, {args.bits}-bit, group size {args.group_size}; ms, median [min-max]")
+    print(f"device {mx.default_device()}, input {args.dtype}, {args.bits}-bit, group size {args.group_size}; "
+          "ms, median [min-max]")
     for name, shape in {**SHAPES, **(HEAD if args.head else {})}.items():
         layer = nn.QuantizedLinear.from_linear(nn.Linear(shape[1], shape[0], bias=False), args.group_size, args.bits)
         layer.set_dtype(dtype)

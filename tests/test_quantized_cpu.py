@@ -90,7 +90,8 @@ def test_bfloat16_in_gives_the_float32_product_rounded_to_bfloat16(rows):
     ours, _ = layer_pair(512, 64, 4, 64)
     ours.set_dtype(mx.bfloat16)  # scales and biases, as a bfloat16 load has them
     x = mx.random.normal((rows, 512)).astype(mx.bfloat16)
-    w = mx.dequantize(ours.weight, ours.scales.astype(mx.float32), ours.biases.astype(mx.float32), group_size=64, bits=4)
+    w = mx.dequantize(ours.weight, ours.scales.astype(mx.float32), ours.biases.astype(mx.float32),
+                      group_size=64, bits=4)
     y = ours(x)
     assert y.dtype == mx.bfloat16
     assert relative_error(y, x.astype(mx.float32) @ w.T) <= 2**-8

@@ -51,10 +51,10 @@ def dequantized_product(x: mx.array, layer: nn.Module) -> mx.array:
     w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
     x32 = x.astype(mx.float32)
     step = max(1, BLOCK_WEIGHTS * layer.bits // (32 * w.shape[-1]))
-    parts = [
-        x32 @ dequantize_f32(w[i : i + step], scales[i : i + step], biases[i : i + step], layer.group_size, layer.bits).T
-        for i in range(0, w.shape[0], step)
-    ]
+    parts = []
+    for i in range(0, w.shape[0], step):
+        rows = slice(i, i + step)
+        parts.append(x32 @ dequantize_f32(w[rows], scales[rows], biases[rows], layer.group_size, layer.bits).T)
     return (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)).astype(x.dtype)
 
 
