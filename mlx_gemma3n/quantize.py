@@ -13,6 +13,9 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map_with_path
+
+from .model.quantized import QuantizedLinear
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -35,15 +38,16 @@ def quantized_shape_info(weight_shape, scales_shape, in_dims: int) -> tuple[int,
 
 
 def apply_quantization(module: nn.Module, weights: dict[str, mx.array], what: str = "model") -> None:
-    """Replace every Linear/Embedding of `module` whose weights come with `scales` by its MLX
-    quantized counterpart, with the bits and group size its stored shapes imply."""
+    """Replace every Linear/Embedding of `module` whose weights come with `scales` by its quantized
+    counterpart (Linear: ours, fast on the CPU too), with the bits and group size its stored
+    shapes imply."""
     quantized = {name[: -len(".scales")] for name in weights if name.endswith(".scales")}
     if missing := sorted(quantized - {path for path, _ in module.named_modules()}):
         raise ValueError(f"The {what} stores quantized weights for layers it does not have (e.g. {missing[0]}).")
 
-    def params(path: str, m: nn.Module):
+    def to_quantized(path: str, m: nn.Module) -> nn.Module:
         if path not in quantized:
-            return False
+            return m
         if not isinstance(m, (nn.Linear, nn.Embedding)):
             raise ValueError(f"The {what} stores {path} quantized, but it is not a linear or embedding layer.")
         if path + ".biases" not in weights:
@@ -55,9 +59,13 @@ def apply_quantization(module: nn.Module, weights: dict[str, mx.array], what: st
                 f"The {what} stores {path} quantized with shapes {tuple(shapes[0])} / {tuple(shapes[1])}, "
                 f"which do not fit a {tuple(m.weight.shape)} weight."
             )
-        return {"bits": info[0], "group_size": info[1]}
+        bits, group_size = info
+        if isinstance(m, nn.Linear):
+            return QuantizedLinear.from_linear(m, group_size=group_size, bits=bits)
+        return m.to_quantized(group_size=group_size, bits=bits)
 
-    nn.quantize(module, class_predicate=params)
+    # The walk of `nn.quantize`, which cannot make our QuantizedLinear.
+    module.update_modules(tree_map_with_path(to_quantized, module.leaf_modules(), is_leaf=nn.Module.is_module))
 
 
 # Recipes. A recipe maps our module path (a Linear or Embedding weight) to its bits, or None
