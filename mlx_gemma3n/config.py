@@ -256,13 +256,6 @@ class TextConfig:
     def first_kv_shared_layer(self) -> int:
         return self.num_hidden_layers - self.num_kv_shared_layers
 
-    def kv_source(self, layer: int) -> int:
-        """The layer whose keys and values `layer` attends over (itself unless KV-shared)."""
-        if layer < self.first_kv_shared_layer:
-            return layer
-        kind = self.layer_types[layer]
-        return max(i for i in range(self.first_kv_shared_layer) if self.layer_types[i] == kind)
-
 
 @dataclass(frozen=True)
 class VisionConfig:

@@ -18,6 +18,14 @@ from .config import TextConfig
 from .errors import InputError
 
 
+def kv_source(config: TextConfig, layer: int) -> int:
+    """The stored layer whose keys and values `layer` attends over (itself unless KV-shared)."""
+    if layer < config.first_kv_shared_layer:
+        return layer
+    kind = config.layer_types[layer]
+    return max(i for i in range(config.first_kv_shared_layer) if config.layer_types[i] == kind)
+
+
 @dataclass(frozen=True)
 class LayerStep:
     layer: int  # the stored layer: its weights, its block of the per-layer inputs, its sparsity
@@ -45,19 +53,11 @@ class Plan:
             raise InputError(f"{len(widths)} feed-forward widths were given for {len(layers)} layers: give one per kept layer.")
         if list(layers) != sorted(set(layers)) or not layers or layers[0] < 0 or layers[-1] >= config.num_hidden_layers:
             raise InputError(f"The layers to run must be distinct, ascending indices below {config.num_hidden_layers}.")
-        first_shared = config.first_kv_shared_layer
-        sources = {}  # stored layer -> stored layer whose keys and values it reads
-        for layer in layers:
-            if layer < first_shared:
-                sources[layer] = layer
-                continue
-            kind = config.layer_types[layer]
-            source = max(i for i in range(first_shared) if config.layer_types[i] == kind)
-            if source not in layers:
-                raise InputError(
-                    f"Layer {source} cannot be skipped: the KV-shared layers above it attend over its keys and values."
-                )
-            sources[layer] = source
+        sources = {layer: kv_source(config, layer) for layer in layers}
+        if missing := sorted(set(sources.values()) - set(layers)):
+            raise InputError(
+                f"Layer {missing[0]} cannot be skipped: the KV-shared layers above it attend over its keys and values."
+            )
         position = {layer: p for p, layer in enumerate(layers)}
         readers = {sources[layer] for layer in layers if sources[layer] != layer}
         steps, slots = [], 0

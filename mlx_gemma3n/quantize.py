@@ -112,11 +112,6 @@ def quantizable(shape: tuple[int, ...], group_size: int) -> bool:
     return len(shape) == 2 and shape[-1] % group_size == 0 and shape[-1] >= group_size
 
 
-def quantize_weight(w: mx.array, bits: int, group_size: int) -> dict[str, mx.array]:
-    wq, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
-    return {"weight": wq, "scales": scales, "biases": biases}
-
-
 def fake_quantize(w: mx.array, bits: int, group_size: int) -> mx.array:
     """w rounded through the quantizer, back in its dtype: the same values a quantized layer
     multiplies with, for fast measurement with float kernels."""

@@ -22,6 +22,7 @@ from .convert import (
     TensorPart, check_options, check_output_dir, output_config, plan, write_checkpoint,
 )
 from .errors import InputError
+from .plan import kv_source
 from .quantize import DEFAULT_GROUP_SIZE
 from .weights import PLE_NAME, Checkpoint, TensorLocation
 
@@ -121,7 +122,7 @@ class Submodel:
         if bad := [i for i in self.layers_to_skip if not 0 <= i < n]:
             raise InputError(f"layers_to_skip names layer {bad[0]}, but this model's layers are 0-{n - 1}.")
         first_shared = t.first_kv_shared_layer
-        sources = sorted({t.kv_source(i) for i in range(first_shared, n)})
+        sources = sorted({kv_source(t, i) for i in range(first_shared, n)})
         if bad := [i for i in self.layers_to_skip if i in sources]:
             raise InputError(
                 f"layer {bad[0]} cannot be skipped: the KV-shared layers {first_shared}-{n - 1} reuse its keys "

@@ -256,8 +256,7 @@ class Checkpoint:
             return name
         parts = ours.split(".")
         if parts[:2] == ["language_model", "layers"] and parts[3] == "self_attn" and parts[4] in _SHARED_LAYER_UNUSED:
-            text = self.config.text
-            if text.kv_source(int(parts[2])) != int(parts[2]):
+            if int(parts[2]) >= self.config.text.first_kv_shared_layer:  # KV-shared: its k/v are never used
                 return None
         return ours
 

@@ -14,6 +14,7 @@ import mlx.nn as nn
 from ..cache import KVCache, SlidingWindowCache, attention_mask
 from ..config import TextConfig
 from ..plan import Plan
+from .quantized import quantized_matmul
 
 
 class RMSNorm(nn.Module):
@@ -58,6 +59,9 @@ class QuantizedScaledEmbedding(nn.QuantizedEmbedding):
     def __call__(self, ids: mx.array) -> mx.array:
         rows = super().__call__(ids)
         return rows * mx.array(self.scale, dtype=rows.dtype)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return quantized_matmul(x, self)  # fast on the CPU back-end too (see quantized.py)
 
 
 class Laurel(nn.Module):
