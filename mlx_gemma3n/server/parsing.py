@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .. import SamplingOptions
 from .errors import RequestError
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 MAX_STOP_SEQUENCES = 4
 
 
