@@ -50,7 +50,7 @@ def test_the_shortest_audio_is_heard(loaded):
 
 
 def test_transcribing_a_too_short_recording_is_an_error_not_an_empty_text(loaded):
-    from mlx_gemma3n.transcribe import transcribe
+    from mlx_gemma3n import transcribe
 
     model, tokenizer = loaded
     with pytest.raises(InputError, match="needs at least 0.033 s of audio"):
