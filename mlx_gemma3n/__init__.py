@@ -13,12 +13,13 @@ from .plan import Plan
 from .runtime.engine import Engine
 from .runtime.generation import GenerationResponse, SamplingOptions, describe, generate, stream_generate
 from .runtime.session import ChatSession
+from .submodel import Submodel
 from .transcription import Transcript, transcribe
 
 __all__ = [
     "load", "preload_towers", "unload_towers", "generate", "stream_generate", "describe", "transcribe", "Transcript",
     "ChatSession", "SamplingOptions", "GenerationResponse", "LiveTranscriber", "LiveDescriber", "Engine", "Plan",
-    "Gemma3nError", "InputError", "CheckpointError", "SourceError",
+    "Submodel", "Gemma3nError", "InputError", "CheckpointError", "SourceError",
 ]
 __version__ = "0.1.0"
 

@@ -8,26 +8,19 @@ the sparsity pattern keeps the kept layers' entries. Nothing else changes.
 
     Submodel.preset("E2.54B")
     Submodel(layers_to_skip=[20, 21, 22, 23, 24], ffn_hidden_dims=[8192])
-    slice_checkpoint("google/gemma-3n-E4B-it", "gemma-3n-E2.54B", Submodel.preset("E2.54B"))
+    model(ids, submodel="E2.54B")       # run elastically from one loaded E4B (see `plan`)
+
+`slicing.py` writes a sub-model to disk as a checkpoint of its own.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from .config import ModelConfig, TextConfig
-from .convert import (
-    TensorPart, check_options, check_output_dir, output_config, plan, write_checkpoint,
-)
 from .errors import InputError
-from .plan import kv_source
-from .quantize import DEFAULT_GROUP_SIZE
-from .weights import PLE_NAME, Checkpoint, TensorLocation
-
-_PROJECTION = "language_model.per_layer_model_projection"
-
+from .plan import Plan, kv_source
 
 @dataclass(frozen=True)
 class Preset:
@@ -192,129 +185,18 @@ def effective_parameters(config: TextConfig | ModelConfig) -> int:
     return layers + t.num_hidden_layers * d * h + d + 2 * (n - 1) * h * h + h
 
 
-# ----------------------------------------------------------------------------- slicing to disk
+@functools.lru_cache(maxsize=64)
+def _plan(submodel: Submodel, config: TextConfig) -> Plan:
+    return Plan.of(config, submodel.kept_layers(config), submodel.widths(config), submodel.name or "sub-model")
 
 
-def _part(where: TensorLocation, rows=(), cols=(), logical_cols: int = 0) -> TensorPart:
-    """Rows and columns of `where` by (start, stop) ranges; columns in logical units (one weight),
-    mapped to stored ones (packed words, quantization groups) by the stored width."""
-    n_rows, n_cols = where.shape
-    unit = logical_cols // n_cols if cols else 1
-    stored_cols = tuple((a // unit, b // unit) for a, b in cols)
-    return TensorPart(
-        where.file, where.offset, where.dtype,
-        (sum(b - a for a, b in rows) if rows else n_rows, sum(b - a for a, b in stored_cols) if cols else n_cols),
-        stored_shape=where.shape, rows=tuple(rows), cols=stored_cols,
-    )
-
-
-def _column_unit(checkpoint: Checkpoint, name: str, logical_cols: int) -> int:
-    """How many logical columns one stored column of tensor `name` (or of its quantization
-    groups) holds: 1 unquantized, the group size when quantized."""
-    base = name.rsplit(".", 1)[0]
-    scales = checkpoint.locations.get(base + ".scales")
-    return logical_cols // scales.shape[-1] if scales is not None else 1
-
-
-def _renumber(name: str, old: int, new: int) -> str:
-    return re.sub(rf"(language_model\.layers\.){old}\.", rf"\g<1>{new}.", name, count=1)
-
-
-def _sliced_locations(checkpoint: Checkpoint, submodel: Submodel) -> dict[str, TensorLocation]:
-    """Checkpoint name -> where its bytes lie, for every tensor of the sub-model."""
-    t = checkpoint.config.text
-    kept, widths = submodel.kept_layers(t), submodel.widths(t)
-    new_index = {old: new for new, old in enumerate(kept)}
-    width = dict(zip(kept, widths))
-    d = t.hidden_size_per_layer_input
-    blocks = tuple((k * d, (k + 1) * d) for k in kept)
-    out = {}
-    for name, where in checkpoint.locations.items():
-        ours = checkpoint.our_name(name)
-        if ours is None:
-            continue  # tied head, K/V weights of KV-shared layers
-        parts = ours.split(".")
-        if parts[:2] == ["language_model", "layers"]:
-            old = int(parts[2])
-            if old not in new_index:
-                continue
-            w, stored = width[old], t.intermediate_size[old]
-            if parts[3] == "mlp" and w != stored:
-                if parts[4] in ("gate_proj", "up_proj"):
-                    where = _part(where, rows=((0, w),))
-                else:
-                    unit = _column_unit(checkpoint, name, stored)
-                    if w % unit:
-                        raise InputError(
-                            f"layer {old}'s down_proj is quantized in groups of {unit} columns, so its width must "
-                            f"be a multiple of {unit}, not {w}: choose such widths or slice the unquantized checkpoint."
-                        )
-                    where = _part(where, cols=((0, w),), logical_cols=stored)
-            name = _renumber(name, old, new_index[old])
-        elif ours.startswith(PLE_NAME + "."):
-            unit = _column_unit(checkpoint, name, t.num_hidden_layers * d)
-            if d % unit:
-                raise InputError(
-                    f"the Per-Layer Embedding table is quantized in groups of {unit} columns, which straddle its "
-                    f"{d}-column layer blocks: slice the unquantized checkpoint."
-                )
-            where = _part(where, cols=blocks, logical_cols=t.num_hidden_layers * d)
-        elif ours.startswith(_PROJECTION + "."):
-            where = _part(where, rows=blocks)
-        out[name] = where
-    return out
-
-
-def _sliced_raw_config(checkpoint: Checkpoint, submodel: Submodel) -> dict:
-    raw = dict(checkpoint.config.raw)
-    if "text_config" in raw:
-        raw["text_config"] = submodel.sliced_config(raw["text_config"])
-    else:
-        raw = submodel.sliced_config(raw)
-    if isinstance(raw.get("quantization"), dict):  # per-layer entries follow their layers
-        kept = {old: new for new, old in enumerate(submodel.kept_layers(checkpoint.config.text))}
-        block = {}
-        for key, value in raw["quantization"].items():
-            layer = re.search(r"language_model\.layers\.(\d+)\.", key)
-            if layer is None:
-                block[key] = value
-            elif int(layer.group(1)) in kept:
-                block[_renumber(key, int(layer.group(1)), kept[int(layer.group(1))])] = value
-        raw["quantization"] = block
-    return raw
-
-
-def slice_checkpoint(
-    model: str | Path,
-    out: str | Path,
-    submodel: Submodel,
-    quantize: bool = False,
-    bits: int = 4,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    recipe: str = "uniform",
-    ple_bits: int | None = None,
-    dtype: str | None = None,
-    show_progress: bool = True,
-) -> Path:
-    """Write `submodel` of `model` (a Hugging Face checkpoint or one of our conversions) into
-    `out` as a standalone checkpoint, optionally quantized; all or nothing. Returns `out`."""
-    if quantize or ple_bits:
-        check_options(quantize, bits, group_size, recipe, ple_bits)
-    out = check_output_dir(out)
-    checkpoint = Checkpoint.open(model)
-    if checkpoint.layout != "hf":
-        raise InputError(
-            f"{checkpoint.path} is an mlx-vlm conversion: slice the original checkpoint or one converted by "
-            "mlx_gemma3n.convert."
-        )
-    if checkpoint.quantized and (quantize or ple_bits):
-        raise InputError(
-            f"{checkpoint.path} is already quantized: slice it without -q/--ple-bits, or slice the original "
-            "checkpoint and quantize while slicing."
-        )
-    locations = _sliced_locations(checkpoint, submodel)
-    raw = _sliced_raw_config(checkpoint, submodel)
-    sliced = Checkpoint(checkpoint.path, ModelConfig.from_dict(raw), locations)
-    tensors = plan(sliced, quantize, bits, group_size, recipe, ple_bits, dtype)
-    config = output_config(raw, tensors, quantize, bits, group_size, recipe, ple_bits, dtype)
-    return write_checkpoint(checkpoint.path, tensors, config, out, show_progress, f"Slicing to {out.name}")
+def plan_for(config: TextConfig | ModelConfig, submodel: "Submodel | str | Plan | None") -> Plan | None:
+    """The plan that runs `submodel` (a `Submodel`, a preset's name, or a ready `Plan`) on the model
+    of `config`, computed once per recipe; None for the full model."""
+    if submodel is None or isinstance(submodel, Plan):
+        return submodel
+    if isinstance(submodel, str):
+        submodel = Submodel.preset(submodel)
+    if not isinstance(submodel, Submodel):
+        raise InputError(f"submodel is {submodel!r}: give a Submodel or a preset's name such as 'E2B'.")
+    return _plan(submodel, _text(config))

@@ -84,9 +84,11 @@ def transcribe(
     max_tokens_per_clip: int = MAX_TOKENS_PER_CLIP,
     sampling: SamplingOptions | None = None,
     progress: bool = False,
+    submodel=None,
 ) -> Transcript:
     """Transcribe (or translate) `audio`: a path, bytes, an (array, sample_rate) pair, or an
-    array at 16 kHz. Greedy decoding unless `sampling` says otherwise."""
+    array at 16 kHz. Greedy decoding unless `sampling` says otherwise; `submodel` runs a MatFormer
+    size of the loaded model (see `stream_generate`)."""
     samples = as_samples(audio)
     sampling = sampling or SamplingOptions(temperature=0.0)
     spans = split_on_silence(samples, SAMPLE_RATE, max_seconds=CLIP_SECONDS, overlap_seconds=OVERLAP_SECONDS)
@@ -103,7 +105,8 @@ def transcribe(
         if np.sqrt(np.mean(np.square(piece, dtype=np.float64))) >= SILENCE_RMS:
             text = "".join(
                 r.text for r in stream_generate(
-                    model, tokenizer, prompt, audio=[piece], max_tokens=max_tokens_per_clip, sampling=sampling
+                    model, tokenizer, prompt, audio=[piece], max_tokens=max_tokens_per_clip, sampling=sampling,
+                    submodel=submodel,
                 )
             ).strip()
             if texts:

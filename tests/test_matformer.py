@@ -14,8 +14,11 @@ from mlx_gemma3n.cli.matformer import main
 from mlx_gemma3n.config import TextConfig
 from mlx_gemma3n.convert import convert
 from mlx_gemma3n.errors import InputError
+from mlx_gemma3n import ChatSession, SamplingOptions, generate
 from mlx_gemma3n.loading import load, load_model
-from mlx_gemma3n.submodel import PRESETS, Submodel, effective_parameters, slice_checkpoint
+from mlx_gemma3n.runtime.generation import stream_tokens
+from mlx_gemma3n.slicing import slice_checkpoint
+from mlx_gemma3n.submodel import PRESETS, Submodel, effective_parameters
 
 TOL = 1e-3
 # E4B-like: full attention every 5th layer, a KV-shared block (layers 6-9) fed by layers 4
@@ -287,3 +290,74 @@ def test_a_missing_model_is_one_line_and_status_1(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--preset", "E2B"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "does not exist" in err[0]
+
+
+# ----------------------------------------------------------------------------- elastic execution
+
+
+@pytest.fixture(scope="module")
+def full(e4b_like):
+    return load(e4b_like, dtype=mx.float32)
+
+
+def test_an_elastic_submodel_equals_its_sliced_checkpoint(full, sliced, ids):
+    model, tokenizer = full
+    submodel, out = sliced
+    standalone, _ = load(out, dtype=mx.float32)
+    diff = worst(model(mx.array(ids), submodel=submodel), standalone(mx.array(ids)))
+    assert diff <= 1e-4, f"worst |Δlogit| {diff:.2e}"
+    greedy = dict(temperature=0.0, max_tokens=8)
+    assert generate(model, tokenizer, "hello world", submodel=submodel, **greedy) == generate(
+        standalone, tokenizer, "hello world", **greedy)
+
+
+def test_the_full_model_is_unchanged_after_running_a_submodel(full, ids):
+    model, _ = full
+    before = np.array(model(mx.array(ids)))
+    model(mx.array(ids), submodel=RECIPES["mixed-widths"])
+    assert np.array_equal(np.array(model(mx.array(ids))), before)
+
+
+def test_a_chat_changes_size_and_goes_on_from_its_conversation(full):
+    model, tokenizer = full
+    greedy = SamplingOptions(temperature=0.0)
+    session = ChatSession(model, tokenizer, sampling=greedy)
+    list(session.send("hello world", max_tokens=4))
+    session.resize(RECIPES["skip-inside-shared-block"])
+    second = [r.token for r in session.send("the cat", max_tokens=4)]
+    assert session.last_prefill == len(session.last_prompt)  # recomputed at the new size
+    fresh = [r.token for r in stream_tokens(model, tokenizer, session.last_prompt, max_tokens=4, sampling=greedy,
+                                            submodel=RECIPES["skip-inside-shared-block"])]
+    assert second == fresh
+
+
+def test_an_elastic_submodel_of_a_quantized_conversion_equals_its_slice(q4, tmp_path, ids):
+    submodel = Submodel([6, 9], [64])
+    model, _ = load(q4, dtype=mx.float32)
+    standalone, _ = load(slice_checkpoint(q4, tmp_path / "q4-slice", submodel, show_progress=False), dtype=mx.float32)
+    diff = worst(model(mx.array(ids), submodel=submodel), standalone(mx.array(ids)))
+    assert diff <= 1e-4, f"worst |Δlogit| {diff:.2e}"
+
+
+def test_an_elastic_recipe_that_breaks_the_model_is_refused(full, ids):
+    model, _ = full
+    with pytest.raises(InputError, match="layer 4 cannot be skipped"):
+        model(mx.array(ids), submodel=Submodel([4]))
+    with pytest.raises(InputError, match="written for a 35-layer model"):
+        model.make_cache(submodel="E2B")
+
+
+def test_chat_size_command_shows_and_refuses_in_one_line(full):
+    import io
+
+    from mlx_gemma3n.cli.chat import Chat
+
+    model, tokenizer = full
+    out = io.StringIO()
+    chat = Chat(ChatSession(model, tokenizer), max_tokens=2, out=out)
+    chat.command("/size")
+    chat.command("/size E2B")  # a preset of E4B's 35 layers: this model has 10
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[size: full]"
+    assert lines[1].startswith("error: preset E2B is written for a 35-layer model")
+    assert chat.session.plan is None

@@ -311,6 +311,19 @@ def test_an_mlx_vlm_conversion_loads_and_matches_ours(mlx_vlm_pair):
     assert mx.array_equal(a, b).item(), f"worst |diff| {worst(a, b)}"
 
 
+def test_a_submodel_runs_elastically_from_an_mlx_vlm_conversion_as_from_ours(mlx_vlm_pair):
+    from mlx_gemma3n.submodel import Submodel
+
+    _, theirs, ours = mlx_vlm_pair
+    text_ids = mx.array([[2, 105, 9, 17, 300, 17, 99, 5000, 262_143, 106, 9, 9]])
+    submodel = Submodel([1], [64])
+    a_model, _ = load_model(theirs, dtype=mx.float32)
+    b_model, _ = load_model(ours, dtype=mx.float32)
+    a, b = a_model(text_ids, submodel=submodel), b_model(text_ids, submodel=submodel)
+    assert mx.array_equal(a, b).item(), f"worst |diff| {worst(a, b)}"
+    assert worst(a, a_model(text_ids)) > 1e-3  # and it is another model than the full one
+
+
 def test_an_mlx_vlm_conversion_brings_its_towers_back_to_our_layout(mlx_vlm_pair):
     src, theirs, _ = mlx_vlm_pair
     a_model, _ = load_model(theirs, dtype=mx.float32)

@@ -306,3 +306,18 @@ def test_stop_text_holds_back_only_what_may_begin_a_stop_string():
     stop = StopText(["END"])
     assert stop.feed("abc E") == "abc " and stop.feed("x") == "Ex"
     assert stop.feed("yEN") == "y" and stop.feed("D and more") == "" and stop.stopped
+
+
+def test_matformer_sizes_are_listed_and_chosen_by_the_model_field():
+    from mlx_gemma3n.server.app import ServerSettings, model_ids, requested_size
+    from mlx_gemma3n.server.errors import RequestError
+
+    settings = ServerSettings(model_id="gemma-3n-E4B-it", sizes=("E4B", "E2B", "E2.54B"), submodel="E4B")
+    assert model_ids(settings) == ["gemma-3n-E4B-it", "gemma-3n-E4B-it:E4B", "gemma-3n-E4B-it:E2B",
+                                   "gemma-3n-E4B-it:E2.54B"]
+    assert requested_size(settings, "gemma-3n-E4B-it:e2b") == "E2B"
+    assert requested_size(settings, "E2.54B") == "E2.54B"
+    assert requested_size(settings, "gemma-3n-E4B-it") == "E4B"  # the default size
+    assert requested_size(settings, "gpt-4o") == "E4B"  # clients send whatever they were set up with
+    with pytest.raises(RequestError, match="not served here"):
+        requested_size(settings, "gemma-3n-E4B-it:E9B")

@@ -23,6 +23,8 @@ HELP = """Commands:
   /audio PATH     attach a recording (WAV, FLAC, OGG, MP3, ...) to your next message
   /help           this text
   /reset          forget the conversation
+  /size [NAME]    show the MatFormer size, or switch to a preset (E2B, E2.54B, ...; "full" for the whole model);
+                  the conversation goes on, recomputed at the new size with your next message
   /speed          show or hide tokens/s after each reply
   /quit           leave (Ctrl-D works too)
 Ctrl-C stops a reply; the conversation keeps what was said."""
@@ -71,12 +73,26 @@ class Chat:
             self.session.reset()
             self.images, self.audio = [], []
             self.say("[conversation cleared]")
+        elif name == "size":
+            self.size(argument.strip())
         elif name == "speed":
             self.show_speed = not self.show_speed
             self.say(f"[speed {'shown' if self.show_speed else 'hidden'}]")
         else:
             self.say(f"Unknown command /{name}: type /help for the list.")
         return True
+
+    def size(self, name: str) -> None:
+        if not name:
+            plan = self.session.plan
+            self.say(f"[size: {plan.name if plan else 'full'}]")
+            return
+        try:
+            self.session.resize(None if name.lower() == "full" else name)
+        except Gemma3nError as e:
+            self.say(f"error: {e}")
+            return
+        self.say(f"[size: {name}; the conversation is recomputed at this size with your next message]")
 
     def reply(self, text: str) -> None:
         images, audio = self.images, self.audio
@@ -153,7 +169,7 @@ def main(argv=None) -> int:
 
         model, tokenizer = load_from_args(args)
         enable_line_editing()
-        session = ChatSession(model, tokenizer, system=args.system, sampling=sampling)
+        session = ChatSession(model, tokenizer, system=args.system, sampling=sampling, submodel=args.submodel)
         Chat(session, args.max_tokens, args.speed).run()
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -40,6 +40,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype; auto is float32 on a CPU, bfloat16 on a GPU")
     p.add_argument("--release-towers", action="store_true",
                    help="free the image/audio towers after each use (least memory; the next attachment reads them again)")
+    p.add_argument("--submodel", default=None, metavar="PRESET",
+                   help="run a MatFormer size of an E4B checkpoint, e.g. E2B or E2.54B "
+                        "(python -m mlx_gemma3n.matformer --list shows them)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = None, max_tokens: int | None = None,
@@ -83,12 +86,18 @@ def check_output(path: str | None) -> None:
 
 
 def load_from_args(args):
+    """The model and tokenizer; a `--submodel` that this model cannot run is refused here too."""
     import mlx.core as mx
 
     from ..loading import load
+    from ..submodel import Submodel, plan_for
 
+    if args.submodel:
+        Submodel.preset(args.submodel)  # an unknown name costs no wait
     dtype = default_dtype() if args.dtype == "auto" else args.dtype
-    return load(args.model, dtype=getattr(mx, dtype), keep_towers=not args.release_towers)
+    model, tokenizer = load(args.model, dtype=getattr(mx, dtype), keep_towers=not args.release_towers)
+    plan_for(model.config, args.submodel)
+    return model, tokenizer
 
 
 def say_progress(progress) -> None:

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     last = None
     for last in stream_generate(
         model, tokenizer, prompt, images=args.image, audio=args.audio, max_tokens=args.max_tokens,
-        system=args.system, raw=args.raw, sampling=sampling, progress=say_progress,
+        system=args.system, raw=args.raw, sampling=sampling, submodel=args.submodel, progress=say_progress,
     ):
         print(last.text, end="", flush=True)
     print()

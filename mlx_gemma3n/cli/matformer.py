@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..errors import Gemma3nError
 from ..quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES
-from ..submodel import E4B_LAYERS, PRESETS, Submodel, slice_checkpoint
+from ..slicing import slice_checkpoint
+from ..submodel import E4B_LAYERS, PRESETS, Submodel
 
 
 class _UsageError(Exception):

@@ -41,25 +41,24 @@ def served_id(model: str) -> str:
     return path.resolve().name if path.is_dir() else model
 
 
-def _check_submodel(name: str | None) -> str | None:
-    """Why `--submodel` cannot be honoured, or None."""
-    if name is None:
-        return None
-    try:
-        from .. import Submodel  # noqa: F401
-    except ImportError:
-        return "--submodel needs MatFormer support, which this version of mlx_gemma3n lacks: leave the flag out."
-    return "--submodel is not wired into the server yet: leave the flag out."
+def sizes(config) -> tuple[str, ...]:
+    """The MatFormer presets this model can run (all of them for an E4B, none for an E2B)."""
+    from ..errors import InputError
+    from ..submodel import PRESETS, plan_for
+
+    runnable = []
+    for preset in PRESETS:
+        try:
+            plan_for(config, preset.name)
+        except InputError:
+            continue
+        runnable.append(preset.name)
+    return tuple(runnable)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    problem = _check_submodel(args.submodel)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-
     import mlx.core as mx
     import uvicorn
 
@@ -68,8 +67,13 @@ def main(argv=None) -> int:
     from ..server import ServerSettings, create_app
     from ..server.media import MediaPolicy
 
+    from ..submodel import Submodel, plan_for
+
     try:
+        if args.submodel:
+            args.submodel = Submodel.preset(args.submodel).name  # an unknown name costs no wait
         model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype))
+        plan_for(model.config, args.submodel)
     except (Gemma3nError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -78,6 +82,7 @@ def main(argv=None) -> int:
         max_body_bytes=int(args.max_body_mb * 1e6),
         media=MediaPolicy(allow_http=args.allow_http_media, allow_files=args.allow_local_files),
         prompt_cache_entries=args.prompt_cache_entries, prompt_cache_bytes=int(args.prompt_cache_mb * 1e6),
+        submodel=args.submodel, sizes=sizes(model.config),
     )
     app = create_app(model, tokenizer, settings)
     # Our access log is one line per request once it is done (with its token counts); uvicorn's would be a second.

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     result = transcribe(
         model, tokenizer, audio, language=args.language, translate_to=args.translate_to,
-        max_tokens_per_clip=args.max_tokens, sampling=sampling, progress=sys.stderr.isatty(),
+        max_tokens_per_clip=args.max_tokens, sampling=sampling, progress=sys.stderr.isatty(), submodel=args.submodel,
     )
     seconds = time.perf_counter() - began
     text = {"txt": lambda: result.text + "\n", "srt": result.to_srt, "json": lambda: result.to_json() + "\n"}[args.format]()

@@ -11,6 +11,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import CheckpointError, InputError
 from ..plan import Plan
+from ..submodel import plan_for
 from .embedder import MultimodalEmbedder
 from .text import TextModel, soft_cap
 
@@ -29,8 +30,9 @@ class Gemma3n(nn.Module):
     def layers(self):
         return self.language_model.layers
 
-    def make_cache(self, plan: Plan | None = None) -> list:
-        return self.language_model.make_cache(plan)
+    def make_cache(self, plan: Plan | None = None, submodel=None) -> list:
+        """Empty caches for the full model, or for `submodel` (a `Submodel` or a preset's name)."""
+        return self.language_model.make_cache(plan or plan_for(self.config.text, submodel))
 
     def __call__(
         self,
@@ -39,10 +41,13 @@ class Gemma3n(nn.Module):
         input_embeddings: mx.array | None = None,
         plan: Plan | None = None,
         fill_cache_only: bool = False,
+        submodel=None,
     ) -> mx.array | None:
-        """Logits for token ids `inputs` (B, L), run through `plan` (the full model by default);
-        None with `fill_cache_only` (see `TextModel`). `input_embeddings` (from `embed`) replace
-        the looked-up embeddings; the ids still supply the per-layer inputs."""
+        """Logits for token ids `inputs` (B, L), run through `plan`, or the plan of `submodel` (a
+        MatFormer `Submodel` or a preset's name, run from these weights: nothing is copied), or the
+        full model. None with `fill_cache_only` (see `TextModel`). `input_embeddings` (from
+        `embed`) replace the looked-up embeddings; the ids still supply the per-layer inputs."""
+        plan = plan or plan_for(self.config.text, submodel)
         if input_embeddings is None:
             input_embeddings = self.embed(inputs)
         hidden = self.language_model(inputs, cache, input_embeddings, plan=plan, fill_cache_only=fill_cache_only)

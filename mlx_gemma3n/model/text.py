@@ -352,7 +352,7 @@ def _weights(linear: nn.Module) -> dict[str, mx.array]:
 
 def _with(linear: nn.Module, weights: dict[str, mx.array]) -> nn.Module:
     """A shallow copy of `linear` holding `weights`: the layer's own code runs on the slice."""
-    sliced = object.__new__(type(linear))
+    sliced = type(linear).__new__(type(linear))
     sliced.__dict__.update(linear.__dict__)
     dict.update(sliced, linear)
     dict.update(sliced, weights)

@@ -17,6 +17,7 @@ from ..plan import Plan
 from ..processing.audio import MAX_SAMPLES, as_samples
 from ..processing.prompt import encode, expand_media, user_content
 from ..sampling import make_sampler, repetition_penalty
+from ..submodel import plan_for
 from .engine import Engine
 from .media import Attachments, Media
 
@@ -253,10 +254,12 @@ def stream_tokens(
     input_embeddings: mx.array | None = None,
     prefill_step_size: int = PREFILL_STEP_SIZE,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
-    plan: Plan | None = None,
+    submodel=None,
 ) -> Iterator[GenerationResponse]:
     """Stream the reply to ready-made prompt token ids, one `GenerationResponse` per token. The
-    tokens continue `prompt_cache` when it is given (it is filled in place)."""
+    tokens continue `prompt_cache` when it is given (it is filled in place; made for the same
+    `submodel`)."""
+    plan = plan_for(model.config, submodel)
     max_tokens = _check_request(model, prompt_tokens, prompt_cache, max_tokens)
     if input_embeddings is not None:
         mx.eval(input_embeddings)  # MLX runs a graph on the thread that built it: here, not on the engine's
@@ -291,16 +294,18 @@ def stream_generate(
     system: str | None = None,
     raw: bool = False,
     sampling: SamplingOptions | None = None,
-    plan: Plan | None = None,
+    submodel=None,
     progress: Callable[[Progress], None] | None = None,
     **options,
 ) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` (a user message, or a list of chat messages), with `images`
     (paths, URLs, bytes, PIL images, arrays) and `audio` (see `prepare_audio`) attached.
-    `raw=True` sends the text as it is, without the chat template. Extra keyword arguments
-    are `SamplingOptions` fields. `progress` is called with a `Progress` as the attachments
-    and the prompt go through the model."""
+    `raw=True` sends the text as it is, without the chat template. `submodel` (a MatFormer
+    `Submodel` or a preset's name, e.g. "E2B") runs that size of the loaded model. Extra keyword
+    arguments are `SamplingOptions` fields. `progress` is called with a `Progress` as the
+    attachments and the prompt go through the model."""
     sampling = sampling or SamplingOptions(**options)
+    plan = plan_for(model.config, submodel)
     attachments = Attachments.prepare(images, prepare_audio(audio))
     tokens = prompt_tokens(model, tokenizer, prompt, images=attachments.images, audio=attachments.audio,
                            system=system, raw=raw)

@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Iterator
 
 from ..cache import can_trim, trim
-from ..plan import Plan
+from ..submodel import plan_for
 from ..processing.prompt import encode, expand_media, user_content
 from .engine import Engine
 from .generation import (
@@ -25,12 +25,21 @@ class ChatSession:
     END_OF_TURN = "<end_of_turn>"  # closes a turn in Gemma's chat template
 
     def __init__(self, model, tokenizer, system: str | None = None, sampling: SamplingOptions | None = None,
-                 plan: Plan | None = None):
+                 submodel=None):
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.sampling = sampling or SamplingOptions()
-        self.plan = plan
+        self.plan = plan_for(model.config, submodel)
         self.reset()
+
+    def resize(self, submodel) -> None:
+        """Go on at another MatFormer size (a `Submodel`, a preset's name, or None for the full
+        model). The conversation is kept; its keys and values are recomputed at the new size
+        with the next message (a different size computes different ones)."""
+        plan = plan_for(self.model.config, submodel)
+        if plan != self.plan:
+            self.plan = plan
+            self.cache, self.cached_tokens = self.model.make_cache(plan), []
 
     def reset(self) -> None:
         self.messages: list[dict] = chat_messages([], self.system)

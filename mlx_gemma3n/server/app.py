@@ -51,11 +51,25 @@ class ServerSettings:
     media: MediaPolicy = field(default_factory=MediaPolicy)
     prompt_cache_entries: int = 8
     prompt_cache_bytes: int = 512 << 20
+    submodel: str | None = None  # the MatFormer size a request gets unless its `model` names another
+    sizes: tuple[str, ...] = ()  # the MatFormer presets this model can run (an E4B: all of them)
 
 
 def model_ids(settings: ServerSettings) -> list[str]:
-    """The ids /v1/models lists: the served model, and (once MatFormer sizes can be served) its sizes."""
-    return [settings.model_id]
+    """The ids /v1/models lists: the served model, then "<model>:<preset>" for each MatFormer size."""
+    return [settings.model_id] + [f"{settings.model_id}:{size}" for size in settings.sizes]
+
+
+def requested_size(settings: ServerSettings, model: str | None) -> str | None:
+    """The size a request's `model` field names ("<model>:<preset>", or the preset alone), else the default."""
+    asked = (model or "").rpartition(":")[2].lower()
+    for size in settings.sizes:
+        if size.lower() == asked:
+            return size
+    if model and ":" in model:
+        raise RequestError(f"The model '{model}' is not served here: GET /v1/models lists what is.",
+                           status=404, param="model", code="model_not_found")
+    return settings.submodel
 
 
 class EventStream(StreamingResponse):
@@ -74,7 +88,9 @@ class EventStream(StreamingResponse):
 
 def create_app(model, tokenizer, settings: ServerSettings) -> Starlette:
     worker = ModelWorker()
-    prompt_cache = PromptCache(settings.prompt_cache_entries, settings.prompt_cache_bytes)
+    # One prompt cache per size: the keys and values of one size are no use to another.
+    prompt_caches = {size: PromptCache(settings.prompt_cache_entries, settings.prompt_cache_bytes)
+                     for size in {settings.submodel, *settings.sizes}}
     created = int(time.time())
 
     @asynccontextmanager
@@ -96,9 +112,11 @@ def create_app(model, tokenizer, settings: ServerSettings) -> Starlette:
         return JSONResponse(shapes.model_card(name, created))
 
     async def chat_completions(request: Request):
-        chat = parse_chat(parse_json(await request.body()), max_tokens_cap=settings.max_tokens)
+        body = parse_json(await request.body())
+        chat = parse_chat(body, max_tokens_cap=settings.max_tokens)
+        size = requested_size(settings, body.get("model"))
         conversation = await run_in_threadpool(decode_conversation, chat.messages, settings.media)
-        pieces = worker.stream(lambda: chat_reply(model, tokenizer, prompt_cache, conversation, chat))
+        pieces = worker.stream(lambda: chat_reply(model, tokenizer, prompt_caches[size], conversation, chat, size))
         try:
             first = await anext(pieces)  # errors before the first token answer as errors, not as a stream
         except StopAsyncIteration:
@@ -148,12 +166,13 @@ def create_app(model, tokenizer, settings: ServerSettings) -> Starlette:
             raise RequestError("'temperature' must be at least 0 and at most 2.", param="temperature")
         language = form.get("language") or None
         language = LANGUAGES.get(language.lower(), language) if language else None
+        size = requested_size(settings, form.get("model") if isinstance(form.get("model"), str) else None)
         samples = await run_in_threadpool(as_samples, await upload.read())
         sampling = SamplingOptions(temperature=temperature) if temperature else SamplingOptions(temperature=0.0)
         result = await worker.call(lambda: transcribe(
             model, tokenizer, samples, language=language, sampling=sampling,
             max_tokens_per_clip=settings.max_tokens_per_clip,
-            translate_to="English" if task == "translate" else None,
+            translate_to="English" if task == "translate" else None, submodel=size,
         ))
         request.state.summary = f"{result.duration:.1f} s of audio in {len(result.segments)} clips"
         if response_format == "json":
@@ -189,7 +208,7 @@ def create_app(model, tokenizer, settings: ServerSettings) -> Starlette:
         },
         lifespan=lifespan,
     )
-    app.state.worker, app.state.prompt_cache, app.state.settings = worker, prompt_cache, settings
+    app.state.worker, app.state.prompt_caches, app.state.settings = worker, prompt_caches, settings
     return app
 
 

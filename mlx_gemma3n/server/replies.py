@@ -55,21 +55,22 @@ class StopText:
 
 
 def chat_reply(model, tokenizer, prompt_cache: PromptCache, conversation: Conversation,
-               request: ChatRequest) -> Iterator[Piece]:
+               request: ChatRequest, submodel: str | None = None) -> Iterator[Piece]:
     """The reply's pieces (blocking: run it off the event loop)."""
     if conversation.images or conversation.audio:
         responses = stream_generate(model, tokenizer, conversation.messages, images=conversation.images,
-                                    audio=conversation.audio, max_tokens=request.max_tokens, sampling=request.sampling)
+                                    audio=conversation.audio, max_tokens=request.max_tokens, sampling=request.sampling,
+                                    submodel=submodel)
         yield from _pieces(responses, request.stop, cached=0)
         return
     tokens = encode(tokenizer, model.config, conversation.messages)
     cache, held = prompt_cache.take(tokens)
     if cache is None:
-        cache = model.make_cache()
+        cache = model.make_cache(submodel=submodel)
     generated: list[int] = []
     try:
         responses = stream_tokens(model, tokenizer, tokens[held:], max_tokens=request.max_tokens,
-                                  sampling=request.sampling, prompt_cache=cache)
+                                  sampling=request.sampling, prompt_cache=cache, submodel=submodel)
         yield from _pieces(_recording(responses, generated), request.stop, cached=held)
     finally:
         prompt_cache.put(tokens + generated, cache)
