@@ -14,16 +14,14 @@ included) that directory is removed.
 
 from __future__ import annotations
 
-import argparse
-import mmap
 import errno
+import mmap
 import json
 import os
 import shutil
-import struct
 import secrets
+import struct
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -374,40 +372,7 @@ def _quantization_block(tensors, bits, group_size, recipe) -> dict:
     return block
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mlx_gemma3n.convert", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id (bf16 original)")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (must not exist, or be empty)")
-    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the linear and embedding layers")
-    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES))
-    parser.add_argument("--recipe", default="uniform", choices=list(RECIPES),
-                        help="uniform: every layer at --bits; mixed: the sensitive ones at 8 bits")
-    parser.add_argument("--ple-bits", type=int, choices=[4, 8], default=None,
-                        help="also quantize the Per-Layer Embedding table (it is never resident; this cuts disk and I/O)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="floating-point dtype of the output (default: as stored)")
-    args = parser.parse_args(argv)
-    dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", None: None}[args.dtype]
-    start = time.perf_counter()
-    try:
-        out = convert(args.model, args.out, args.quantize, args.bits, args.group_size, args.recipe, args.ple_bits, dtype)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Gemma3nError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}.", file=sys.stderr)
-        return 1
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"Wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s.")
-    return 0
-
-
 if __name__ == "__main__":
+    from .cli.convert import main
+
     sys.exit(main())

@@ -17,6 +17,7 @@ import pytest
 from mlx_gemma3n import ChatSession, Engine, generate, load, stream_generate
 from mlx_gemma3n.runtime.generation import SamplingOptions, reply, stream_tokens
 from mlx_gemma3n.towers import Towers
+from samples import speech_like
 
 GREEDY = dict(temperature=0.0, max_tokens=6)
 
@@ -26,10 +27,6 @@ def loaded(tiny):
     return load(tiny[0], dtype=mx.float32)
 
 
-def speech_like(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16_000)) / 16_000
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + rng.normal(0, 0.1, t.size))).astype(np.float32)
 
 
 def picture(seed: int) -> np.ndarray:

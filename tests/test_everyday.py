@@ -99,9 +99,10 @@ def test_an_output_path_that_cannot_be_used_is_refused_before_any_work(tiny, tmp
 
 def test_a_read_only_destination_is_refused_before_any_work(tiny, tmp_path, monkeypatch, capsys):
     from mlx_gemma3n import convert as convert_module
+    from mlx_gemma3n.cli.convert import main as convert_main
 
     monkeypatch.setattr(convert_module, "_writable", lambda directory: directory != tmp_path)
-    assert convert_module.main(["--model", str(tiny[0]), "--out", str(tmp_path / "new" / "out")]) == 1
+    assert convert_main(["--model", str(tiny[0]), "--out", str(tmp_path / "new" / "out")]) == 1
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path} cannot be written to (a read-only file system, or not your directory): choose another --out.\n"
     assert list(tmp_path.iterdir()) == []
@@ -111,12 +112,13 @@ def test_a_write_that_fails_midway_is_one_sentence_and_leaves_nothing(tiny, tmp_
     import errno
 
     from mlx_gemma3n import convert as convert_module
+    from mlx_gemma3n.cli.convert import main as convert_main
 
     def read_only(path, *args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(convert_module, "_write_file", read_only)
-    assert convert_module.main(["--model", str(tiny[0]), "--out", str(tmp_path / "out")]) == 1
+    assert convert_main(["--model", str(tiny[0]), "--out", str(tmp_path / "out")]) == 1
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
     assert last == f"error: Could not write {tmp_path / 'out'} (Read-only file system); nothing was left behind: choose another --out."
     assert list(tmp_path.iterdir()) == []
@@ -124,12 +126,13 @@ def test_a_write_that_fails_midway_is_one_sentence_and_leaves_nothing(tiny, tmp_
 
 def test_ctrl_c_while_converting_says_interrupted_and_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
     from mlx_gemma3n import convert as convert_module
+    from mlx_gemma3n.cli.convert import main as convert_main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(convert_module, "_write_file", interrupted)
-    assert convert_module.main(["--model", str(tiny[0]), "--out", str(tmp_path / "out")]) == 130
+    assert convert_main(["--model", str(tiny[0]), "--out", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
     assert list(tmp_path.iterdir()) == []
 

@@ -17,7 +17,8 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_gemma3n import convert as convert_module
 from mlx_gemma3n.config import load_config
-from mlx_gemma3n.convert import ConvertError, convert, main
+from mlx_gemma3n.cli.convert import main
+from mlx_gemma3n.convert import ConvertError, convert
 from mlx_gemma3n.loading import load, load_model, preload_towers, unload_towers
 from mlx_gemma3n.ple import PerLayerEmbeddings
 from mlx_gemma3n.model.text import QuantizedScaledEmbedding

@@ -10,6 +10,7 @@ from mlx_gemma3n.runtime.media import Attachments, Media
 from mlx_gemma3n.loading import load
 from mlx_gemma3n.processing.audio import log_mel_batch
 from mlx_gemma3n.processing.prompt import encode, user_content
+from samples import speech_like
 
 TOL = 1e-3
 
@@ -23,10 +24,6 @@ def loaded(tiny):
     return load(tiny[0], dtype=mx.float32)
 
 
-def speech_like(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16_000)) / 16_000
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 def test_audio_prompt_logits_equal_reference_including_a_padded_batch(tiny, loaded):

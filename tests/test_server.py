@@ -27,6 +27,7 @@ from mlx_gemma3n.server import ServerSettings, create_app  # noqa: E402
 from mlx_gemma3n.server.replies import StopText  # noqa: E402
 from mlx_gemma3n.server.shapes import to_vtt, verbose_json  # noqa: E402
 from mlx_gemma3n.transcription import Segment  # noqa: E402
+from samples import speech_like  # noqa: E402
 
 MODEL_ID = "tiny-gemma3n"
 KEY = "sk-local-test"
@@ -84,11 +85,6 @@ def library_reply(loaded, messages, max_tokens, **media) -> str:
     return generate(model, tokenizer, messages, max_tokens=max_tokens, sampling=GREEDY, **media)
 
 
-def speech_like(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16_000)) / 16_000
-    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))
-            + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 def wav_bytes(samples: np.ndarray) -> bytes:

@@ -59,6 +59,26 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = No
     p.add_argument("--seed", type=int, default=None, help="random seed, for replies that can be repeated")
 
 
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the commands that write checkpoints (convert, matformer)."""
+    from ..quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES
+
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the linear and embedding layers")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES))
+    p.add_argument("--recipe", default="uniform", choices=list(RECIPES),
+                   help="uniform: every layer at --bits; mixed: the sensitive ones at 8 bits")
+    p.add_argument("--ple-bits", type=int, choices=[4, 8], default=None,
+                   help="also quantize the Per-Layer Embedding table (it is never resident; this cuts disk and I/O)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="floating-point dtype of the output (default: as stored)")
+
+
+def stored_dtype(name: str | None) -> str | None:
+    """A --dtype of the checkpoint-writing commands as safetensors names it."""
+    return {"bfloat16": "BF16", "float16": "F16", "float32": "F32", None: None}[name]
+
+
 def sampling_from_args(args):
     """The sampling options, checked: call it before loading, so a bad flag costs no wait."""
     from ..errors import InputError
@@ -116,11 +136,14 @@ def command(main):
     standard error and exit status 1; Ctrl-C exits with 130 and no traceback."""
 
     @functools.wraps(main)
-    def run(argv=None) -> int:
+    def run(*args, **kwargs) -> int:
         try:
-            return main(argv)
-        except (Gemma3nError, OSError) as e:
+            return main(*args, **kwargs)
+        except Gemma3nError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}.", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("\ninterrupted", file=sys.stderr)

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from ..errors import Gemma3nError
-from ..quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES
 from ..slicing import slice_checkpoint
 from ..submodel import E4B_LAYERS, PRESETS, Submodel
+from .common import HelpFormatter, add_quantization_args, command, stored_dtype
 
 
 class _UsageError(Exception):
@@ -38,10 +38,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m mlx_gemma3n.matformer", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = _Parser(prog="python -m mlx_gemma3n.matformer", description=__doc__.split("\n\n")[0],
+                     formatter_class=HelpFormatter)
     parser.add_argument("--list", action="store_true", help="print the presets and exit")
     parser.add_argument("--model", help="E4B checkpoint: directory or Hugging Face repo id (original or our conversion)")
     parser.add_argument("--out", type=Path, help="output directory (must not exist, or be empty)")
@@ -49,14 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers-to-skip", type=_int_list, default=[], metavar="I,J,...")
     parser.add_argument("--ffn-hidden-dims", type=_int_list, default=[], metavar="W,...",
                         help="one FFN width per kept layer, or one for all (default: as stored)")
-    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the linear and embedding layers")
-    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES))
-    parser.add_argument("--recipe", default="uniform", choices=list(RECIPES))
-    parser.add_argument("--ple-bits", type=int, choices=[4, 8], default=None,
-                        help="also quantize the Per-Layer Embedding table")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="floating-point dtype of the output (default: as stored)")
+    add_quantization_args(parser)
     return parser
 
 
@@ -75,6 +66,7 @@ def main(argv=None) -> int:
         return 2
 
 
+@command
 def _run(parser: argparse.ArgumentParser, argv) -> int:
     args = parser.parse_args(argv)
     if args.list:
@@ -88,17 +80,9 @@ def _run(parser: argparse.ArgumentParser, argv) -> int:
         submodel = Submodel.preset(args.preset) if args.preset else Submodel(args.layers_to_skip, args.ffn_hidden_dims)
     except Gemma3nError as e:
         parser.error(str(e))
-    dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", None: None}[args.dtype]
     start = time.perf_counter()
-    try:
-        out = slice_checkpoint(args.model, args.out, submodel, args.quantize, args.bits, args.group_size,
-                               args.recipe, args.ple_bits, dtype)
-    except Gemma3nError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = slice_checkpoint(args.model, args.out, submodel, args.quantize, args.bits, args.group_size,
+                           args.recipe, args.ple_bits, stored_dtype(args.dtype))
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"Wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s.")
     return 0
-
-if __name__ == "__main__":
-    sys.exit(main())
