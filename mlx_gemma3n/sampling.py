@@ -3,6 +3,8 @@ order transformers applies the published generation config; and the repetition p
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 
 from .errors import InputError
@@ -42,8 +44,54 @@ def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, m
     None draws from MLX's global generator) to token ids (B,): greedy at temperature 0."""
     _check(temperature, top_k, top_p, min_p)
     if temperature == 0:
-        return lambda logits, key=None: mx.argmax(logits, axis=-1)
-    return lambda logits, key=None: mx.random.categorical(warp(logits, temperature, top_k, top_p, min_p), key=key)
+        return _greedy
+    draw = _top_k_draw(temperature, top_k, top_p, min_p) if top_k > 0 else _warped_draw(temperature, top_p, min_p)
+
+    def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
+        return draw(logits, mx.random.key(_global_seed()) if key is None else key)
+
+    return sample
+
+
+def _greedy(logits: mx.array, key: mx.array | None = None) -> mx.array:
+    return mx.argmax(logits, axis=-1)
+
+
+def _global_seed() -> int:
+    """A seed drawn from MLX's global generator (compiled draws take their key as an argument)."""
+    return mx.random.randint(0, 2**31 - 1).item()
+
+
+@lru_cache(maxsize=64)
+def _warped_draw(temperature: float, top_p: float, min_p: float):
+    return mx.compile(lambda logits, key: mx.random.categorical(warp(logits, temperature, 0, top_p, min_p), key=key))
+
+
+@lru_cache(maxsize=64)
+def _top_k_draw(temperature: float, top_k: int, top_p: float, min_p: float):
+    """The draw among the `top_k` most likely tokens only: they are found by a partition of the
+    vocabulary, and only they are sorted (for top-p and min-p), as the filters need no more."""
+
+    @mx.compile
+    def draw(logits: mx.array, key: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32) / temperature
+        k = min(top_k, logits.shape[-1])
+        candidates = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        if top_p < 1 or min_p > 0:
+            candidates = mx.take_along_axis(candidates, mx.argsort(-mx.take_along_axis(logits, candidates, -1)), -1)
+        values = mx.take_along_axis(logits, candidates, axis=-1)
+        if top_p < 1 or min_p > 0:
+            probs = mx.softmax(values, axis=-1)
+            dropped = mx.zeros(values.shape, mx.bool_)
+            if top_p < 1:  # the most likely tokens until their mass reaches top_p
+                dropped = dropped | (mx.cumsum(probs, axis=-1) - probs >= top_p)
+            if min_p > 0:  # of those, the ones at least min_p times as likely as the best
+                dropped = dropped | (probs < min_p * probs[..., :1])
+            values = mx.where(dropped, -mx.inf, values)
+        chosen = mx.random.categorical(values, key=key)
+        return mx.take_along_axis(candidates, chosen[..., None], axis=-1)[..., 0]
+
+    return draw
 
 
 def repetition_penalty(penalty: float, context: int = REPETITION_CONTEXT):

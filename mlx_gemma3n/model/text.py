@@ -7,7 +7,9 @@ Semantics follow transformers' `Gemma3nTextModel`; parameter names follow its ch
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from statistics import NormalDist
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,7 +45,7 @@ class ScaledEmbedding(nn.Embedding):
 
     def __call__(self, ids: mx.array) -> mx.array:
         rows = super().__call__(ids)
-        return rows * mx.array(self.scale, dtype=rows.dtype)
+        return rows * self.scale  # a weak scalar: rounded to the rows' dtype, as the reference does
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine", **_):
         return QuantizedScaledEmbedding(*self.weight.shape, self.scale, group_size, bits, mode)
@@ -58,14 +60,129 @@ class QuantizedScaledEmbedding(nn.QuantizedEmbedding):
 
     def __call__(self, ids: mx.array) -> mx.array:
         rows = super().__call__(ids)
-        return rows * mx.array(self.scale, dtype=rows.dtype)
+        return rows * self.scale  # a weak scalar: rounded to the rows' dtype, as the reference does
 
     def as_linear(self, x: mx.array) -> mx.array:
         return quantized_matmul(x, self)  # fast on the CPU back-end too (see quantized.py)
 
 
+# ----------------------------------------------------------------------------- fused elementwise chains
+# Everything between two matrix products runs as one compiled function of arrays: MLX fuses its
+# elementwise operations into a single kernel, so that a decoded token launches few primitives.
+# Constants (eps, the active stream, a layer's sparsity cut-off) are baked into the compiled
+# function made for them; weights are always arguments.
+
+
+@lru_cache(maxsize=None)
+def _stream_kernels(eps: float, streams: int, active: int, correct_scale: bool, dims: int):
+    """The compiled chains around a decoder layer's products; AltUp streams are laid out (B, L, n, D)."""
+    inv_sqrt2, router_scale = 1 / math.sqrt(2), 1.0 / dims
+    first_stream = mx.arange(streams)[:, None] == 0  # the per-layer input feeds every stream but the first
+    mx.eval(first_stream)
+
+    def router_input(x, norm_w):
+        return mx.fast.rms_norm(x, norm_w, eps) * router_scale
+
+    def modalities(routed, dtype):
+        return mx.tanh(routed.astype(mx.float32)).astype(dtype)
+
+    @mx.compile
+    def predict(routed, prediction_w, streams_, input_norm_w):
+        """Stream i becomes itself plus sum_j P[i, j] * stream j; returns them, the active one and its norm."""
+        coefs = modalities(routed, streams_.dtype) @ prediction_w.T
+        coefs = coefs.reshape(*coefs.shape[:-1], streams, streams)  # (B, L, n, n)
+        predictions = streams_ + coefs @ streams_
+        active_ = predictions[..., active, :]
+        return predictions, active_, mx.fast.rms_norm(active_, input_norm_w, eps)
+
+    @mx.compile
+    def residual(active_, attn, laurel, x, post_attn_w, post_laurel_w, pre_ffn_w):
+        """The attention and Laurel branches mixed into the active stream, and the FFN's normed input."""
+        laurel = x + mx.fast.rms_norm(laurel, post_laurel_w, eps)
+        h = (active_ + mx.fast.rms_norm(attn, post_attn_w, eps) + laurel) * inv_sqrt2
+        return h, mx.fast.rms_norm(h, pre_ffn_w, eps)
+
+    @mx.compile
+    def after_ffn(h, ffn, post_ffn_w, router_norm_w):
+        h = h + mx.fast.rms_norm(ffn, post_ffn_w, eps)
+        return h, router_input(h, router_norm_w)
+
+    @mx.compile
+    def correct(routed, correction_w, predictions, activated, output_scale):
+        """Every stream corrected by the layer's innovation; and the active one, scaled, for the per-layer input."""
+        coefs = modalities(routed, activated.dtype) @ correction_w.T + 1.0  # (B, L, n)
+        innovation = activated - predictions[..., active, :]
+        corrected = predictions + innovation[..., None, :] * coefs[..., None]
+        first = corrected[..., active, :]
+        if correct_scale:
+            first = (first.astype(output_scale.dtype) * output_scale).astype(first.dtype)
+        return corrected, first
+
+    @mx.compile
+    def gate_per_layer_input(gate, per_layer_input):
+        return nn.gelu_approx(gate) * per_layer_input
+
+    @mx.compile
+    def add_per_layer_input(corrected, projected, norm_w):
+        return mx.where(first_stream, corrected, corrected + mx.fast.rms_norm(projected, norm_w, eps)[..., None, :])
+
+    @mx.compile
+    def spread(embeddings, projected):
+        """(B, L, D) embeddings and their (B, L, n - 1, D) projections -> the n streams, each at the embeddings' RMS."""
+        target = mx.sqrt(mx.mean(embeddings * embeddings, axis=-1, keepdims=True))[..., None, :]
+        return mx.concatenate([embeddings[..., None, :], _match_magnitude(projected, target)], axis=-2)
+
+    @mx.compile
+    def merge(first, unembedded, norm_w):
+        """The first stream and the others' (B, L, n - 1, D) unembeddings, at its RMS, averaged and normed."""
+        target = mx.sqrt(mx.mean(first * first, axis=-1, keepdims=True))[..., None, :]
+        everything = mx.concatenate([first[..., None, :], _match_magnitude(unembedded, target)], axis=-2)
+        return mx.fast.rms_norm(mx.mean(everything, axis=-2), norm_w, eps)
+
+    return SimpleNamespace(
+        router_input=mx.compile(router_input), predict=predict, residual=residual, after_ffn=after_ffn,
+        correct=correct, gate_per_layer_input=gate_per_layer_input, add_per_layer_input=add_per_layer_input,
+        spread=spread, merge=merge,
+    )
+
+
+@lru_cache(maxsize=None)
+def _attention_kernels(eps: float, head_dim: int, base: float):
+    @mx.compile
+    def rotated_heads(t, norm_w, offset):
+        """(B, L, H * D) -> normed, rotated (B, H, L, D) heads (queries and keys)."""
+        heads = mx.fast.rms_norm(t.reshape(*t.shape[:2], -1, head_dim), norm_w, eps).transpose(0, 2, 1, 3)
+        return mx.fast.rope(heads, head_dim, traditional=False, base=base, scale=1.0, offset=offset)
+
+    @mx.compile
+    def value_heads(t):
+        return mx.fast.rms_norm(t.reshape(*t.shape[:2], -1, head_dim), None, eps).transpose(0, 2, 1, 3)
+
+    return SimpleNamespace(rotated_heads=rotated_heads, value_heads=value_heads)
+
+
+@lru_cache(maxsize=None)
+def _geglu(std_multiplier: float | None):
+    """GeGLU; in sparse layers the gate keeps only activations above a gaussian top-k cut-off."""
+
+    @mx.compile
+    def geglu(gate, up):
+        if std_multiplier is not None:
+            mean = gate.mean(axis=-1, keepdims=True)
+            std = mx.sqrt(mx.var(gate, axis=-1, keepdims=True))
+            gate = nn.relu(gate - (mean + std * std_multiplier))
+        return nn.gelu_approx(gate) * up
+
+    return geglu
+
+
+def _match_magnitude(x: mx.array, target_rms: mx.array) -> mx.array:
+    rms = mx.sqrt(mx.maximum(mx.mean(x * x, axis=-1, keepdims=True), 1e-5))
+    return x * target_rms / rms
+
+
 class Laurel(nn.Module):
-    """Learned augmented residual: a low-rank side path around the normed input."""
+    """Learned augmented residual: a low-rank side path around the normed input (mixed in by `residual`)."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
@@ -73,13 +190,8 @@ class Laurel(nn.Module):
         self.linear_right = nn.Linear(config.laurel_rank, config.hidden_size, bias=False)
         self.post_laurel_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
-
 
 class MLP(nn.Module):
-    """GeGLU; in sparse layers the gate keeps only activations above a gaussian top-k cut-off."""
-
     def __init__(self, config: TextConfig, layer: int):
         super().__init__()
         width = config.intermediate_size[layer]
@@ -97,12 +209,7 @@ class MLP(nn.Module):
         if width is not None and width < gate_proj.weight.shape[0]:
             gate_proj, up_proj = prefix_rows(gate_proj, width), prefix_rows(up_proj, width)
             down_proj = prefix_columns(down_proj, width)
-        gate = gate_proj(x)
-        if self.std_multiplier is not None:
-            mean = gate.mean(axis=-1, keepdims=True)
-            std = mx.sqrt(mx.var(gate, axis=-1, keepdims=True))
-            gate = nn.relu(gate - (mean + std * mx.array(self.std_multiplier, dtype=gate.dtype)))
-        return down_proj(nn.gelu_approx(gate) * up_proj(x))
+        return down_proj(_geglu(self.std_multiplier)(gate_proj(x), up_proj(x)))
 
 
 class Attention(nn.Module):
@@ -123,21 +230,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dims, bias=bias)
         sliding = config.layer_types[layer] == "sliding_attention"
         theta = config.rope_local_base_freq if sliding else config.rope_theta
-        self.rope = nn.RoPE(self.head_dim, traditional=False, base=theta)
+        self.kernels = _attention_kernels(config.rms_norm_eps, self.head_dim, theta)
 
-    def __call__(self, x, mask, offset: int, cache=None, shared_kv=None):
-        B, L, _ = x.shape
+    def input_projections(self) -> list[nn.Module]:
+        return [self.q_proj] if self.is_kv_shared else [self.q_proj, self.k_proj, self.v_proj]
 
-        def heads(t):  # (B, L, H * D) -> (B, L, H, D): the norms act per head
-            return t.reshape(B, L, -1, self.head_dim)
-
+    def __call__(self, projected: list[mx.array], mask, offset: mx.array, cache=None, shared_kv=None):
+        """`projected`: the outputs of `input_projections`; `offset` the position of the first token."""
+        B, L, _ = projected[0].shape
         # Queries are rotated at the positions of the tokens being processed, shared layer or not.
-        queries = self.rope(self.q_norm(heads(self.q_proj(x))).transpose(0, 2, 1, 3), offset=offset)
+        queries = self.kernels.rotated_heads(projected[0], self.q_norm.weight, offset)
         if self.is_kv_shared:
             keys, values = shared_kv
         else:
-            keys = self.rope(self.k_norm(heads(self.k_proj(x))).transpose(0, 2, 1, 3), offset=offset)
-            values = self.v_norm(heads(self.v_proj(x))).transpose(0, 2, 1, 3)
+            keys = self.kernels.rotated_heads(projected[1], self.k_norm.weight, offset)
+            values = self.kernels.value_heads(projected[2])
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
         # q and k are RMS-normed, so the reference scales the scores by 1, not 1/sqrt(d).
@@ -147,38 +254,16 @@ class Attention(nn.Module):
 
 class AltUp(nn.Module):
     """Alternating updates: the layer computes only the active stream; the others are predicted
-    from all streams before the layer and corrected by its innovation after it."""
+    from all streams before the layer and corrected by its innovation after it (`predict`, `correct`)."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
         n, dims = config.altup_num_inputs, config.hidden_size
-        self.active = config.altup_active_idx
         self.correct_output_scale = mx.zeros((dims,))
         self.correction_coefs = nn.Linear(n, n, bias=False)
         self.prediction_coefs = nn.Linear(n, n * n, bias=False)
         self.modality_router = nn.Linear(dims, n, bias=False)
         self.router_norm = RMSNorm(dims, config.rms_norm_eps)
-        self.router_input_scale = 1.0 / dims
-
-    def modalities(self, x: mx.array) -> mx.array:
-        routed = self.modality_router(self.router_norm(x) * mx.array(self.router_input_scale, dtype=x.dtype))
-        return mx.tanh(routed.astype(mx.float32)).astype(x.dtype)
-
-    def predict(self, streams: mx.array) -> mx.array:
-        """streams: (n, B, L, D). Stream i becomes itself plus sum_j P[i, j] * stream j."""
-        n = streams.shape[0]
-        coefs = self.prediction_coefs(self.modalities(streams[self.active]))
-        coefs = coefs.reshape(*coefs.shape[:-1], n, n)  # (B, L, n, n)
-        mixed = coefs @ streams.transpose(1, 2, 0, 3)  # (B, L, n, D)
-        return streams + mixed.transpose(2, 0, 1, 3)
-
-    def correct(self, predictions: mx.array, activated: mx.array) -> mx.array:
-        innovation = activated - predictions[self.active]
-        coefs = self.correction_coefs(self.modalities(activated)) + 1.0  # (B, L, n)
-        return predictions + innovation[None] * coefs.transpose(2, 0, 1)[..., None]
-
-    def scale_corrected_output(self, x: mx.array) -> mx.array:
-        return (x.astype(self.correct_output_scale.dtype) * self.correct_output_scale).astype(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -186,7 +271,6 @@ class DecoderLayer(nn.Module):
         super().__init__()
         dims, eps = config.hidden_size, config.rms_norm_eps
         self.active = config.altup_active_idx
-        self.correct_scale = config.altup_correct_scale
         self.self_attn = Attention(config, layer)
         self.mlp = MLP(config, layer)
         self.input_layernorm = RMSNorm(dims, eps)
@@ -198,29 +282,43 @@ class DecoderLayer(nn.Module):
         self.per_layer_input_gate = nn.Linear(dims, config.hidden_size_per_layer_input, bias=False)
         self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, dims, bias=False)
         self.post_per_layer_input_norm = RMSNorm(dims, eps)
+        self.kernels = _stream_kernels(
+            eps, config.altup_num_inputs, config.altup_active_idx, config.altup_correct_scale, dims
+        )
+        # The products of the normed active stream (queries, keys, values, Laurel's left), merged
+        # into fewer matrices by `fuse_for_inference`; a plain attribute, not a parameter.
+        object.__setattr__(self, "_input_products", None)
+
+    def input_projections(self) -> list[nn.Module]:
+        return self.self_attn.input_projections() + [self.laurel.linear_left]
+
+    def project_input(self, x: mx.array) -> list[mx.array]:
+        if self._input_products is None:
+            return [m(x) for m in self.input_projections()]
+        return self._input_products(x)
 
     def __call__(self, streams, per_layer_input, mask, offset, cache=None, shared_kv=None, ffn_width=None):
-        predictions = self.altup.predict(streams)
-        active = predictions[self.active]
+        """streams (B, L, n, D) -> the same after this layer, and the keys and values it attended over."""
+        k, altup = self.kernels, self.altup
+        routed = altup.modality_router(k.router_input(streams[..., self.active, :], altup.router_norm.weight))
+        predictions, active, x = k.predict(routed, altup.prediction_coefs.weight, streams, self.input_layernorm.weight)
 
-        x = self.input_layernorm(active)
-        attn, kv = self.self_attn(x, mask, offset, cache, shared_kv)
-        h = (active + self.post_attention_layernorm(attn) + self.laurel(x)) * (1 / math.sqrt(2))
-        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), ffn_width))
+        *attention_inputs, laurel = self.project_input(x)
+        attn, kv = self.self_attn(attention_inputs, mask, offset, cache, shared_kv)
+        h, ffn_input = k.residual(
+            active, attn, self.laurel.linear_right(laurel), x, self.post_attention_layernorm.weight,
+            self.laurel.post_laurel_norm.weight, self.pre_feedforward_layernorm.weight,
+        )
+        h, router_input = k.after_ffn(
+            h, self.mlp(ffn_input, ffn_width), self.post_feedforward_layernorm.weight, altup.router_norm.weight
+        )
 
-        corrected = self.altup.correct(predictions, h)
-        first = corrected[self.active]
-        if self.correct_scale:
-            first = self.altup.scale_corrected_output(first)
-        first = nn.gelu_approx(self.per_layer_input_gate(first)) * per_layer_input
-        first = self.post_per_layer_input_norm(self.per_layer_projection(first))
-        # The per-layer input feeds every stream but the first.
-        return mx.concatenate([corrected[:1], corrected[1:] + first], axis=0), kv
-
-
-def _match_magnitude(x: mx.array, target_rms: mx.array) -> mx.array:
-    rms = mx.sqrt(mx.maximum(mx.mean(x * x, axis=-1, keepdims=True), 1e-5))
-    return x * target_rms / rms
+        corrected, first = k.correct(
+            altup.modality_router(router_input), altup.correction_coefs.weight, predictions, h,
+            altup.correct_output_scale,
+        )
+        gated = k.gate_per_layer_input(self.per_layer_input_gate(first), per_layer_input)
+        return k.add_per_layer_input(corrected, self.per_layer_projection(gated), self.post_per_layer_input_norm.weight), kv
 
 
 class TextModel(nn.Module):
@@ -241,6 +339,7 @@ class TextModel(nn.Module):
         self.altup_projections = [nn.Linear(dims, dims, bias=False) for _ in range(config.altup_num_inputs - 1)]
         self.altup_unembed_projections = [nn.Linear(dims, dims, bias=False) for _ in range(config.altup_num_inputs - 1)]
         self.plan = Plan.full(config)  # the plan a call without one runs
+        object.__setattr__(self, "_stream_products", None)  # the altup projections merged (`fuse_for_inference`)
 
     def per_layer_inputs(self, ids: mx.array) -> mx.array:
         """The token-identity half of the per-layer inputs: (B, L, layers, ple_dims).
@@ -252,12 +351,11 @@ class TextModel(nn.Module):
 
     def project_per_layer_inputs(self, embeddings: mx.array, per_layer_inputs: mx.array | None) -> mx.array:
         c = self.config
-        projected = self.per_layer_model_projection(embeddings) * mx.array(c.hidden_size**-0.5, dtype=embeddings.dtype)
-        projected = projected.reshape(*embeddings.shape[:-1], c.num_hidden_layers, c.hidden_size_per_layer_input)
-        projected = self.per_layer_projection_norm(projected)
-        if per_layer_inputs is None:
-            return projected
-        return (projected + per_layer_inputs) * mx.array(2**-0.5, dtype=embeddings.dtype)
+        mix = _per_layer_kernel(c.num_hidden_layers, c.hidden_size_per_layer_input, c.hidden_size, c.rms_norm_eps)
+        projected = self.per_layer_model_projection(embeddings)
+        if per_layer_inputs is None:  # embeddings without ids: the projection alone
+            return mix.projection(projected, self.per_layer_projection_norm.weight)
+        return mix.average(projected, self.per_layer_projection_norm.weight, per_layer_inputs)
 
     def make_cache(self, plan: Plan | None = None) -> list:
         """One cache per layer of the plan that computes keys and values: sliding layers keep
@@ -298,10 +396,9 @@ class TextModel(nn.Module):
         }
         steps = plan.steps[: plan.last_cache_step + 1] if fill_cache_only else plan.steps
 
-        target_rms = mx.sqrt(mx.mean(embeddings * embeddings, axis=-1, keepdims=True))
-        streams = mx.stack(
-            [embeddings] + [_match_magnitude(proj(embeddings), target_rms) for proj in self.altup_projections]
-        )
+        k = self.layers[0].kernels
+        streams = k.spread(embeddings, self.project_streams(embeddings))
+        offset = mx.array(offset, mx.int32)  # one array a step: the rotations take it without recompiling
         shared_kv = {}  # step -> its (keys, values), for the KV-shared steps above
         for position, step in enumerate(steps):
             layer_cache = cache[step.cache_slot] if cache is not None and step.cache_slot is not None else None
@@ -320,11 +417,104 @@ class TextModel(nn.Module):
         if fill_cache_only:
             return None
 
-        target_rms = mx.sqrt(mx.mean(streams[0] * streams[0], axis=-1, keepdims=True))
-        streams = [streams[0]] + [
-            _match_magnitude(proj(streams[i + 1]), target_rms) for i, proj in enumerate(self.altup_unembed_projections)
-        ]
-        return self.norm(mx.mean(mx.stack(streams), axis=0))
+        unembedded = [proj(streams[..., i + 1, :]) for i, proj in enumerate(self.altup_unembed_projections)]
+        return k.merge(streams[..., 0, :], mx.stack(unembedded, axis=-2), self.norm.weight)
+
+    def project_streams(self, embeddings: mx.array) -> mx.array:
+        """The altup projections of the embeddings, (B, L, n - 1, D)."""
+        joined = self._stream_products.joined(embeddings) if self._stream_products is not None else None
+        if joined is not None:
+            return joined.reshape(*embeddings.shape[:-1], -1, embeddings.shape[-1])
+        return mx.stack([proj(embeddings) for proj in self.altup_projections], axis=-2)
+
+
+@lru_cache(maxsize=None)
+def _per_layer_kernel(layers: int, dims: int, hidden: int, eps: float):
+    def projection(projected, norm_w):
+        """The model projection of the embeddings, (B, L, layers, dims), normed per layer."""
+        projected = (projected * hidden**-0.5).reshape(*projected.shape[:-1], layers, dims)
+        return mx.fast.rms_norm(projected, norm_w, eps)
+
+    def average(projected, norm_w, token_inputs):
+        """... averaged with the token's own rows."""
+        return (projection(projected, norm_w) + token_inputs) * (2**-0.5)
+
+    return SimpleNamespace(projection=mx.compile(projection), average=mx.compile(average))
+
+
+# ----------------------------------------------------------------------------- merged products
+
+
+def fuse_for_inference(model: nn.Module) -> None:
+    """Merge the products that read the same input into one matrix each, after the weights have
+    loaded (the checkpoint's names stay): per layer, queries, keys, values and Laurel's left side
+    of the normed active stream; the three AltUp projections of the embeddings. The original
+    layers keep views of the merged weights (no second copy), so the plain path still runs."""
+    text = getattr(model, "language_model", model)
+    for layer in text.layers:
+        object.__setattr__(layer, "_input_products", SharedInputProducts(layer.input_projections()))
+    streams = SharedInputProducts(text.altup_projections)
+    object.__setattr__(text, "_stream_products", streams)
+
+
+class SharedInputProducts:
+    """Products of one input with several layers, run as one product per run of layers that can
+    share a matrix (same kind, dtype, bits and group size). Called: the layers' outputs, in order."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.groups = []  # (merged layer, output widths)
+        for run in _compatible_runs(layers):
+            self.groups.append((merge_rows(run) if len(run) > 1 else run[0], [m.weight.shape[0] for m in run]))
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        outputs = []
+        for layer, widths in self.groups:
+            y = layer(x)
+            if len(widths) == 1:
+                outputs.append(y)
+                continue
+            start = 0
+            for w in widths:
+                outputs.append(y[..., start : start + w])
+                start += w
+        return outputs
+
+    def joined(self, x: mx.array) -> mx.array | None:
+        """The outputs side by side when one product serves every layer, else None."""
+        return self.groups[0][0](x) if len(self.groups) == 1 else None
+
+
+def _kind(layer: nn.Module) -> tuple:
+    arrays = _weights(layer)
+    if "bias" in layer:
+        arrays["bias"] = layer["bias"]
+    quantization = (layer.bits, layer.group_size, layer.mode) if "scales" in arrays else None
+    return type(layer), tuple(sorted(arrays)), arrays["weight"].dtype, quantization
+
+
+def _compatible_runs(layers: list[nn.Module]) -> list[list[nn.Module]]:
+    runs = []
+    for layer in layers:
+        if runs and _kind(runs[-1][-1]) == _kind(layer):
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
+
+
+def merge_rows(layers: list[nn.Module]) -> nn.Module:
+    """One layer whose outputs are those of `layers` (of one kind) side by side; each of `layers`
+    then holds a view of its rows of the merged weights."""
+    names = [k for k in ("weight", "scales", "biases", "bias") if k in layers[0]]
+    merged = {k: mx.concatenate([m[k] for m in layers], axis=0) for k in names}
+    mx.eval(merged)
+    start = 0
+    for m in layers:
+        rows = slice(start, start + m["weight"].shape[0])
+        m.update({k: merged[k][rows] for k in names})
+        mx.eval([m[k] for k in names])
+        start = rows.stop
+    return _with(layers[0], merged)
 
 
 def prefix_rows(linear: nn.Module, n: int) -> nn.Module:

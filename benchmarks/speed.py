@@ -1,0 +1,221 @@
+"""Speed of our Gemma 3n beside mlx-lm's and mlx-vlm's on the same checkpoint and prompt ids:
+decode tok/s, prefill tok/s, time to first token, peak memory, each the median of several
+processes with the min-max spread; and the graph primitives one decoded token evaluates.
+
+    python benchmarks/random_checkpoint.py --size E2B --out /tmp/gemma3n-E2B-random
+    python benchmarks/speed.py --model /tmp/gemma3n-E2B-random --warmup
+    python benchmarks/speed.py --model /tmp/gemma3n-E2B-random --primitives   # also an E2B-shaped 4-bit model
+
+Ours and mlx-lm run under mlx-lm's generation loop (`generate_step`, greedy), mlx-vlm under its
+own; so the difference is the model code. On Linux, preload OpenBLAS (see the README); on a GPU
+install `mlx[cuda13]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+RUNTIMES = ("mlx_gemma3n", "mlx-lm", "mlx-vlm")
+# Primitives that make no kernel of their own (views, and metadata-only reshapes).
+VIEWS = {"Broadcast", "Reshape", "Slice", "Transpose", "ExpandDims", "Squeeze", "Flatten", "Unflatten", "AsStrided",
+         "View", "StopGradient"}
+
+
+def primitives(*outputs) -> tuple[int, int]:
+    """(kernels, all primitives) that computing the lazy `outputs` evaluates."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *outputs)
+        counts = Counter(re.findall(r'label ="(\w+)"', Path(f.name).read_text()))
+    return sum(n for name, n in counts.items() if name not in VIEWS), sum(counts.values())
+
+
+def load(runtime: str, path: str, dtype):
+    """(model, decode steps: (prompt ids, max tokens) -> iterator of token ids, make_cache)."""
+    if runtime == "mlx_gemma3n":
+        from mlx_gemma3n.loading import load_model
+        from mlx_gemma3n.model.text import fuse_for_inference
+
+        model = load_model(path, dtype=dtype)[0]
+        fuse_for_inference(model)
+    elif runtime == "mlx-lm":
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(Path(path))
+        model.set_dtype(dtype)
+    else:
+        from mlx_vlm.generate import generate_step as vlm_step
+        from mlx_vlm.utils import load_model
+
+        model = load_model(Path(path))
+        model.set_dtype(dtype)
+        return model, lambda ids, n: (t for t, _ in vlm_step(mx.array(ids)[None], model, None, None, max_tokens=n,
+                                                              temperature=0.0))
+    from mlx_lm.generate import generate_step
+
+    return model, lambda ids, n: (int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=n,
+                                                                     prefill_step_size=512))
+
+
+def measure(runtime: str, path: str, dtype, prompt: list[int], gen_tokens: int, warmup: bool) -> dict:
+    mx.reset_peak_memory()
+    model, steps = load(runtime, path, dtype)
+    mx.eval(model.parameters())
+    if warmup:  # kernels compiled and caches sized before the clock starts
+        for _ in steps(prompt, 4):
+            pass
+    start = time.perf_counter()
+    tokens, first = [], None
+    for token in steps(prompt, gen_tokens):
+        if first is None:
+            first = time.perf_counter()
+        tokens.append(int(token))
+    end = time.perf_counter()
+    return dict(ttft_s=first - start, prefill_tps=len(prompt) / (first - start),
+                decode_tps=(len(tokens) - 1) / (end - first), peak_gb=mx.get_peak_memory() / 1e9, tokens=tokens)
+
+
+def decode_primitives(model, make_cache, token: int = 7) -> tuple[int, int]:
+    """Kernels and primitives of one greedy decode step after a short prompt."""
+    cache = make_cache()
+    mx.eval(model(mx.array([[2, 5, 6, token]]), cache=cache))
+    return primitives(mx.argmax(model(mx.array([[token]]), cache=cache)[:, -1], axis=-1))
+
+
+def e2b_shaped_model(bits: int = 4, group_size: int = 64):
+    """Our model with E2B's shapes and zero 4-bit weights, the PLE table a small stand-in (the
+    counted token ids lie below its 1024 rows): enough to count primitives, no checkpoint needed."""
+    import mlx.nn as nn
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from random_checkpoint import hf_config
+
+    from mlx_gemma3n.config import ModelConfig
+    from mlx_gemma3n.model.gemma3n import Gemma3n
+    from mlx_gemma3n.model.quantized import QuantizedLinear
+    from mlx_gemma3n.model.text import QuantizedScaledEmbedding, ScaledEmbedding, fuse_for_inference
+
+    config = ModelConfig.from_dict(hf_config("E2B").to_dict())
+    model = Gemma3n(config)
+    text = model.language_model
+    c = config.text
+    text.embed_tokens_per_layer = ScaledEmbedding(1024, c.num_hidden_layers * c.hidden_size_per_layer_input, 16.0)
+
+    def zero_quantized(cls, out_dims, in_dims, *extra):
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.group_size, layer.bits, layer.mode = group_size, bits, "affine"
+        layer.weight = mx.zeros((out_dims, in_dims * bits // 32), mx.uint32)
+        layer.scales = mx.zeros((out_dims, in_dims // group_size), mx.bfloat16)
+        layer.biases = mx.zeros((out_dims, in_dims // group_size), mx.bfloat16)
+        for name, value in extra:
+            setattr(layer, name, value)
+        return layer
+
+    def quantize(path, m):
+        if isinstance(m, ScaledEmbedding) and path == "embed_tokens":
+            rows, dims = m.weight.shape
+            return zero_quantized(QuantizedScaledEmbedding, rows, dims, ("num_embeddings", rows), ("dims", dims),
+                                  ("scale", m.scale))
+        if isinstance(m, nn.Linear) and m.weight.shape[1] % group_size == 0:
+            return zero_quantized(QuantizedLinear, *m.weight.shape)
+        return m
+
+    from mlx.utils import tree_map_with_path
+
+    text.update_modules(tree_map_with_path(quantize, text.leaf_modules(), is_leaf=nn.Module.is_module))
+    model.set_dtype(mx.bfloat16)
+    mx.eval(text.parameters())
+    fuse_for_inference(model)
+    return model
+
+
+def print_primitives(path: str | None, dtype) -> None:
+    rows = []
+    if path:
+        for runtime in RUNTIMES[:2]:
+            try:
+                model, _ = load(runtime, path, dtype)
+            except Exception as e:  # a peer that cannot read this checkpoint's config dialect
+                print(f"{runtime} cannot load {path}: {type(e).__name__}: {e}")
+                continue
+            if runtime == "mlx-lm":
+                from mlx_lm.models.cache import make_prompt_cache
+
+                make_cache = lambda: make_prompt_cache(model)  # noqa: E731
+            else:
+                make_cache = model.make_cache
+            rows.append((f"{runtime} ({Path(path).name})", decode_primitives(model, make_cache)))
+    model = e2b_shaped_model()
+    rows.append(("mlx_gemma3n (E2B shape, 4-bit)", decode_primitives(model, model.make_cache)))
+    print(f"device {mx.default_device()}; one greedy decode step")
+    print(f"{'model':<40} {'kernels':>8} {'primitives':>11}")
+    for name, (kernels, total) in rows:
+        print(f"{name:<40} {kernels:>8} {total:>11}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a Gemma 3n checkpoint directory (HF layout)")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3, help="processes per runtime")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of " + ", ".join(RUNTIMES))
+    parser.add_argument("--warmup", action="store_true", help="one short generation before the timed one")
+    parser.add_argument("--primitives", action="store_true", help="print primitives per decoded token and exit")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a single measurement, as a child process
+    args = parser.parse_args(argv)
+    dtype = getattr(mx, args.dtype)
+    if args.primitives:
+        print_primitives(args.model, dtype)
+        return 0
+    if not args.model:
+        parser.error("--model is required")
+    prompt = np.random.default_rng(0).integers(3, 256_000, size=args.prompt_tokens).tolist()
+    if args.one:
+        print(json.dumps(measure(args.one, args.model, dtype, prompt, args.gen_tokens, args.warmup)))
+        return 0
+
+    print(f"device {mx.default_device()}, dtype {args.dtype}, prompt {args.prompt_tokens} tokens, "
+          f"{args.gen_tokens} generated, median [min-max] of {args.runs} processes")
+    print(f"{'runtime':<12} {'decode tok/s':>22} {'prefill tok/s':>24} {'TTFT s':>20} {'peak GB':>18}")
+    tokens = {}
+    for runtime in args.runtimes.split(","):
+        runs = []
+        for _ in range(args.runs):
+            child = [sys.executable, __file__, "--one", runtime] + [a for a in (argv or sys.argv[1:]) if a != "--primitives"]
+            out = subprocess.run(child, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{runtime} failed:\n{out.stderr[-2000:]}")
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        tokens[runtime] = runs[0]["tokens"]
+
+        def cell(key, fmt="{:.2f}"):
+            values = [r[key] for r in runs]
+            return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+        print(f"{runtime:<12} {cell('decode_tps'):>22} {cell('prefill_tps'):>24} {cell('ttft_s', '{:.3f}'):>20} "
+              f"{cell('peak_gb'):>18}", flush=True)
+    ours = tokens.get("mlx_gemma3n")
+    for runtime, theirs in tokens.items():
+        if ours and runtime != "mlx_gemma3n":
+            same = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
+            print(f"greedy tokens identical to {runtime}'s for the first {same}/{len(ours)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

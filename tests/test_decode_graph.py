@@ -1,0 +1,103 @@
+"""A decoded token's graph: the compiled and merged path gives the plain path's tokens and logits,
+full model and sub-model alike, and evaluates few primitives (a ceiling keeps it so)."""
+
+import re
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma3n.loading import load_model
+from mlx_gemma3n.model.text import fuse_for_inference
+from mlx_gemma3n.plan import Plan
+from mlx_gemma3n.sampling import make_sampler, warp
+
+PROMPT = [2, 105, 2364, 107, 9259, 563, 496, 1029, 5, 6, 7, 8]
+# Views make no kernel of their own; what remains is what a decoded token launches.
+VIEWS = {"Broadcast", "Reshape", "Slice", "Transpose", "ExpandDims", "Squeeze", "Flatten", "Unflatten", "AsStrided",
+         "View", "StopGradient"}
+# One greedy decode step of the tiny model on the CPU back-end (whose attention, rotations and
+# norms are made of several primitives each): 642 kernels after this change, 1310 before it.
+TINY_DECODE_KERNELS = 660
+
+
+def kernels(tmp_path, *outputs) -> int:
+    """The primitives other than views that computing `outputs` runs (inputs already evaluated)."""
+    dot = tmp_path / "graph.dot"
+    mx.export_to_dot(str(dot), *outputs)
+    counts = Counter(re.findall(r'label ="(\w+)"', dot.read_text()))
+    return sum(n for name, n in counts.items() if name not in VIEWS)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    return load_model(tiny[0], dtype=mx.float32)[0]
+
+
+@pytest.fixture(scope="module")
+def fused(tiny):
+    model = load_model(tiny[0], dtype=mx.float32)[0]
+    fuse_for_inference(model)
+    return model
+
+
+def sub_model(config) -> Plan:
+    """Layer 3 skipped, every other feed-forward at half its width."""
+    layers = [i for i in range(config.num_hidden_layers) if i != 3]
+    return Plan.of(config, layers, [config.intermediate_size[i] // 2 for i in layers], name="half")
+
+
+def greedy(model, plan, steps: int = 4, compiled: bool = True) -> tuple[list[int], list[np.ndarray]]:
+    """The prompt's logits, then those of `steps` greedy tokens, and the tokens."""
+    if not compiled:
+        mx.disable_compile()
+    try:
+        cache = model.make_cache(plan)
+        logits = model(mx.array([PROMPT]), cache=cache, plan=plan)
+        every, tokens = [np.array(logits[0])], []
+        for _ in range(steps):
+            tokens.append(int(mx.argmax(logits[0, -1])))
+            logits = model(mx.array([[tokens[-1]]]), cache=cache, plan=plan)
+            every.append(np.array(logits[0]))
+    finally:
+        mx.enable_compile()
+    return tokens, every
+
+
+@pytest.mark.parametrize("which", ["full", "sub-model"])
+def test_the_compiled_and_merged_path_gives_the_plain_paths_tokens_and_logits(plain, fused, which):
+    config = plain.config.text
+    plan = Plan.full(config) if which == "full" else sub_model(config)
+    tokens, logits = greedy(fused, plan)
+    expected_tokens, expected_logits = greedy(plain, plan, compiled=False)
+    assert tokens == expected_tokens
+    for step, (ours, theirs) in enumerate(zip(logits, expected_logits)):
+        worst = np.abs(ours - theirs).max()
+        assert worst <= 1e-4, f"step {step} (0: the prompt): max |Δlogit| {worst:.2e}"
+
+
+def test_merging_leaves_the_layers_their_own_weights(plain, fused):
+    for a, b in zip(plain.language_model.layers, fused.language_model.layers):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            if name in a.self_attn:
+                assert mx.array_equal(a.self_attn[name].weight, b.self_attn[name].weight)
+        assert mx.array_equal(a.laurel.linear_left.weight, b.laurel.linear_left.weight)
+
+
+def test_a_decoded_token_evaluates_few_primitives(fused, tmp_path):
+    cache = fused.make_cache()
+    mx.eval(fused(mx.array([PROMPT]), cache=cache))
+    step = mx.argmax(fused(mx.array([[PROMPT[-1]]]), cache=cache)[:, -1], axis=-1)
+    assert kernels(tmp_path, step) <= TINY_DECODE_KERNELS
+
+
+def test_top_k_draws_follow_the_warped_distribution():
+    logits = mx.array(np.random.default_rng(0).normal(size=(1, 500)).astype(np.float32) * 2)
+    expected = np.array(mx.softmax(warp(logits, 0.8, 5, 0.9), axis=-1))[0]
+    sample = make_sampler(0.8, top_k=5, top_p=0.9)
+    keys = mx.random.split(mx.random.key(0), 2000)
+    drawn = np.array([int(sample(logits, k)[0]) for k in keys])
+    frequencies = np.bincount(drawn, minlength=500) / len(drawn)
+    assert set(np.flatnonzero(frequencies)) <= set(np.flatnonzero(expected))
+    assert np.abs(frequencies - expected).max() < 0.04
