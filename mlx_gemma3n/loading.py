@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .model.gemma3n import Gemma3n
+from .model.text import fuse_for_inference
 from .ple import DEFAULT_CACHE_BYTES, PerLayerEmbeddings
 from .quantize import apply_quantization
 from .tokenizer import Tokenizer, load_tokenizer
@@ -80,6 +81,7 @@ def load_model(
         weights = checkpoint.read(f"{part}.", skip=skip if part == "language_model" else ())
         _load_part(getattr(net, part), weights, part.replace("_", " "), checkpoint, dtype)
     mx.eval(net.parameters())
+    fuse_for_inference(net)
     net.embed_multimodal_ids()
     # The towers are managed beside the network, which takes them as arguments.
     net.towers = Towers(TowerLoader(checkpoint, dtype))

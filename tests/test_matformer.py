@@ -315,7 +315,9 @@ def test_the_full_model_is_unchanged_after_running_a_submodel(full, ids):
     model, _ = full
     before = np.array(model(mx.array(ids)))
     model(mx.array(ids), submodel=RECIPES["mixed-widths"])
-    assert np.array_equal(np.array(model(mx.array(ids))), before)
+    # The same weights; only the order of a sum differs (down_proj is now stored in two blocks).
+    diff = worst(model(mx.array(ids)), before)
+    assert diff <= 1e-5, f"worst |Δlogit| {diff:.2e}"
 
 
 def test_a_chat_changes_size_and_goes_on_from_its_conversation(full):

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from ..cache import KVCache, SlidingWindowCache, attention_mask
 from ..config import TextConfig
+from ..errors import InputError
 from ..plan import Plan
 from .quantized import quantized_matmul
 
@@ -208,6 +209,10 @@ class MLP(nn.Module):
         gate_proj, up_proj, down_proj = self.gate_proj, self.up_proj, self.down_proj
         if width is not None and width < gate_proj.weight.shape[0]:
             gate_proj, up_proj = prefix_rows(gate_proj, width), prefix_rows(up_proj, width)
+            if not isinstance(down_proj, SplitColumns):
+                # Once, at the first narrower width: down_proj is then stored in two blocks (no
+                # more memory), so that this prefix needs no copy on every call.
+                self.down_proj = down_proj = SplitColumns.split(down_proj, width)
             down_proj = prefix_columns(down_proj, width)
         return down_proj(_geglu(self.std_multiplier)(gate_proj(x), up_proj(x)))
 
@@ -523,17 +528,62 @@ def prefix_rows(linear: nn.Module, n: int) -> nn.Module:
 
 
 def prefix_columns(linear: nn.Module, n: int) -> nn.Module:
-    """The part of a bias-free linear layer that reads the first `n` inputs. Quantized weights are
-    cut on group boundaries (`n` a multiple of the group size)."""
+    """The part of a bias-free linear layer that reads the first `n` inputs."""
+    return linear.prefix(n) if isinstance(linear, SplitColumns) else column_range(linear, 0, n)
+
+
+def column_range(linear: nn.Module, start: int, stop: int) -> nn.Module:
+    """The part of a bias-free linear layer that reads inputs [start, stop): a strided view (which a
+    product copies). Quantized weights are cut on group boundaries."""
     weights = _weights(linear)
     if "scales" in weights:
-        if n % linear.group_size:
-            raise ValueError(f"A width of {n} does not fall on the quantization's {linear.group_size}-wide groups.")
-        columns = {"weight": n * linear.bits // 32, "scales": n // linear.group_size, "biases": n // linear.group_size}
-        weights = {k: v[:, : columns[k]] for k, v in weights.items()}
+        group = linear.group_size
+        if start % group or stop % group:
+            raise InputError(f"A feed-forward width of {stop - start} does not fall on the quantization's "
+                             f"{group}-wide groups: choose a multiple of {group}.")
+
+        def column(name: str, n: int) -> int:
+            return n * linear.bits // 32 if name == "weight" else n // group
+
+        weights = {k: v[:, column(k, start) : column(k, stop)] for k, v in weights.items()}
     else:
-        weights = {"weight": weights["weight"][:, :n]}
+        weights = {"weight": weights["weight"][:, start:stop]}
     return _with(linear, weights)
+
+
+def input_width(linear: nn.Module) -> int:
+    if isinstance(linear, SplitColumns):
+        return linear.cut + input_width(linear.tail)
+    return linear.weight.shape[1] * 32 // linear.bits if "scales" in linear else linear.weight.shape[1]
+
+
+class SplitColumns(nn.Module):
+    """A bias-free linear layer stored as two blocks of its inputs, [0, cut) and [cut, width): the
+    prefix up to `cut` is then a whole matrix, where a column slice of one matrix would be copied by
+    every product (a MatFormer sub-model runs the first 8192 of 16384 inputs of each down_proj)."""
+
+    def __init__(self, head: nn.Module, tail: nn.Module, cut: int):
+        super().__init__()
+        self.head, self.tail, self.cut = head, tail, cut
+
+    @classmethod
+    def split(cls, linear: nn.Module, cut: int) -> "SplitColumns":
+        def contiguous(part):
+            part = _with(part, {k: mx.contiguous(v) for k, v in _weights(part).items()})
+            mx.eval(part.parameters())
+            return part
+
+        return cls(contiguous(column_range(linear, 0, cut)), contiguous(column_range(linear, cut, input_width(linear))), cut)
+
+    def prefix(self, n: int) -> nn.Module:
+        if n == self.cut:
+            return self.head
+        if n < self.cut:
+            return column_range(self.head, 0, n)
+        return SplitColumns(self.head, column_range(self.tail, 0, n - self.cut), self.cut)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.head(x[..., : self.cut]) + self.tail(x[..., self.cut :])
 
 
 def _weights(linear: nn.Module) -> dict[str, mx.array]:
