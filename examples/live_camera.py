@@ -8,7 +8,7 @@
 The newest frame is described every --every seconds, and at once when the picture changes
 (unless --no-change); frames that go by while the model is busy are skipped, not queued.
 Each line shows the frame's time and number, the text, and the latency (seconds from taking
-the frame to the text). The camera needs OpenCV (pip install opencv-python), a video file
+the frame to the text: the time the description took). The camera needs OpenCV (pip install opencv-python), a video file
 PyAV (pip install av); a folder of images needs neither. On a Mac, the first run asks for
 permission to use the camera. Ctrl-C stops.
 """
@@ -22,7 +22,8 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Describe what a camera (or a replayed video) sees, as it changes.")
     parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                        help="compute dtype; auto is float32 on a CPU (several times faster there), bfloat16 on a GPU")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--camera", default="0", help="camera index (0 is the first) or a capture URL; the default")
     where.add_argument("--video", default=None, help="replay this video file as if it were the camera")
@@ -52,6 +53,24 @@ def make_source(args):
     return CameraSource(int(args.camera) if args.camera.isdigit() else args.camera)
 
 
+class FirstFrameNotice:
+    """The source, saying on standard error when its first frame reaches the describer: that
+    one is always described, and a CPU takes a while over it."""
+
+    def __init__(self, source):
+        self._source, self._told = source, False
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def read(self):
+        frame = self._source.read()
+        if frame is not None and not self._told:
+            self._told = True
+            print("describing the first frame ...", file=sys.stderr, flush=True)
+        return frame
+
+
 def stamp(t: float) -> str:
     return f"{int(t // 60):02d}:{t % 60:05.2f}"
 
@@ -65,15 +84,21 @@ def main(argv=None) -> int:
         probe.start()
         probe.stop()
 
+        import time
+
         import mlx.core as mx
 
         from mlx_gemma3n import load
+        from mlx_gemma3n.cli.common import default_dtype
         from mlx_gemma3n.live import LiveDescriber
 
-        print(f"loading {args.model} ...", file=sys.stderr)
-        model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype), preload=("vision",))
+        dtype = default_dtype() if args.dtype == "auto" else args.dtype
+        print(f"loading {args.model} ({dtype}) ...", file=sys.stderr)
+        began = time.monotonic()
+        model, tokenizer = load(args.model, dtype=getattr(mx, dtype), preload=("vision",))
+        print(f"loaded in {time.monotonic() - began:.1f} s", file=sys.stderr)
         live = LiveDescriber(
-            model, tokenizer, make_source(args), prompt=args.prompt, every=args.every,
+            model, tokenizer, FirstFrameNotice(make_source(args)), prompt=args.prompt, every=args.every,
             change_threshold=None if args.no_change else args.change, max_tokens=args.max_tokens,
             max_descriptions=args.frames,
         )
@@ -83,7 +108,7 @@ def main(argv=None) -> int:
                 for d in live:
                     print(
                         f"[{stamp(d.time)} frame {d.index}] {d.text}   "
-                        f"({d.latency:.2f} s, {d.reason}; {d.dropped} stale frames skipped)",
+                        f"({d.latency:.2f} s to describe, {d.reason}; {d.dropped} stale frames skipped)",
                         flush=True,
                     )
             except KeyboardInterrupt:

@@ -23,7 +23,8 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Transcribe (or translate) speech from the microphone as it is spoken.")
     parser.add_argument("--model", help="checkpoint directory or Hugging Face repo id, e.g. google/gemma-3n-E2B-it")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                        help="compute dtype; auto is float32 on a CPU (several times faster there), bfloat16 on a GPU")
     parser.add_argument("--language", default=None, help="the spoken language, e.g. English (optional)")
     parser.add_argument("--translate-to", default=None, help="translate into this language, e.g. Spanish")
     parser.add_argument("--device", default=None, help="audio input: its index or part of its name (see --list-devices)")
@@ -121,13 +122,20 @@ def main(argv=None) -> int:
         probe.start()
         probe.stop()
 
+        import time
+
         import mlx.core as mx
 
         from mlx_gemma3n import load
+        from mlx_gemma3n.cli.common import default_dtype
         from mlx_gemma3n.live import LiveTranscriber
 
-        print(f"loading {args.model} ...", file=sys.stderr)
-        model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype))
+        dtype = default_dtype() if args.dtype == "auto" else args.dtype
+        print(f"loading {args.model} ({dtype}) ...", file=sys.stderr)
+        began = time.monotonic()
+        # The audio tower now, not in the middle of the first utterance.
+        model, tokenizer = load(args.model, dtype=getattr(mx, dtype), preload=("audio",))
+        print(f"loaded in {time.monotonic() - began:.1f} s", file=sys.stderr)
         source = make_source(args)
         printer = Printer()
         live = LiveTranscriber(

@@ -8,6 +8,7 @@ log-mel (B, T, 128) -> two stride-2 convolutions (SSCP) -> conformer blocks -> e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -286,11 +287,13 @@ class AudioTower(nn.Module):
         self.subsample_conv_projection = SubSampleConvProjection(config)
         self.conformer = [ConformerBlock(config) for _ in range(config.conf_num_hidden_layers)]
 
-    def __call__(self, features: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    def __call__(self, features: mx.array, mask: mx.array,
+                 between_blocks: Callable[[], None] | None = None) -> tuple[mx.array, mx.array]:
         """features (B, T, mel) log-mel; mask (B, T) True on padding frames.
 
         Returns (encodings (B, T', hidden), mask (B, T') True on padding), with padded
-        encodings zeroed."""
+        encodings zeroed. `between_blocks`, when given, is called after each conformer block
+        with the block evaluated; it may raise to abandon the clip there."""
         dtype = self.subsample_conv_projection.conv_0.conv.weight.dtype  # convs are never quantized
         x = self.subsample_conv_projection(features.astype(dtype))
 
@@ -301,6 +304,9 @@ class AudioTower(nn.Module):
 
         for block in self.conformer:
             x = block(x, mask)
+            if between_blocks is not None:
+                mx.eval(x)
+                between_blocks()
 
         r = self.config.conf_reduction_factor
         if r > 1:

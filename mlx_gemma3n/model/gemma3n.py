@@ -91,17 +91,20 @@ class Gemma3n(nn.Module):
                 x = _scatter(x, ids, token_id, soft.reshape(-1, soft.shape[-1]).astype(x.dtype), kind)
         return x
 
-    def embed_image(self, pixel_values: mx.array, tower: nn.Module) -> mx.array:
-        """(N, H, W, 3) pixels through the vision `tower` -> (N, 256, text hidden) soft tokens."""
-        tokens = tower(pixel_values)
+    def embed_image(self, pixel_values: mx.array, tower: nn.Module, **tower_options) -> mx.array:
+        """(N, H, W, 3) pixels through the vision `tower` (called with `tower_options`) ->
+        (N, 256, text hidden) soft tokens."""
+        tokens = tower(pixel_values, **tower_options)
         tokens = tokens * mx.array(self.config.vision.hidden_size**0.5, dtype=tokens.dtype)
         return self.embed_vision(soft_tokens=tokens)
 
-    def embed_audio_features(self, features: mx.array, padding: mx.array, tower: nn.Module) -> mx.array:
-        """(N, T, mels) log-mel frames with their padding mask, through the audio `tower` ->
+    def embed_audio_features(self, features: mx.array, padding: mx.array, tower: nn.Module,
+                             **tower_options) -> mx.array:
+        """(N, T, mels) log-mel frames with their padding mask, through the audio `tower` (called
+        with `tower_options`) ->
         (N, audio_soft_tokens, text hidden). Padded positions, and the slots the prompt reserved
         beyond the encoder's output, hold the embedding of the last audio id, as in the reference."""
-        encodings, padded = tower(features, padding)
+        encodings, padded = tower(features, padding, **tower_options)
         soft = self.embed_audio(soft_tokens=encodings)
         filler = self.embed_multimodal_ids()[-1].astype(soft.dtype)
         soft = mx.where(padded[..., None], filler, soft)

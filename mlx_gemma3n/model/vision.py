@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -370,7 +371,9 @@ class VisionTower(nn.Module):
             sum(feature_chs[i] for i in take), MSFA_OUT_CHANNELS, a["msfa_output_resolution"]
         )
 
-    def __call__(self, pixel_values: mx.array) -> mx.array:
+    def __call__(self, pixel_values: mx.array, between_blocks: Callable[[], None] | None = None) -> mx.array:
+        """`between_blocks`, when given, is called after each block with the block evaluated (a
+        lazy graph cannot be stopped halfway); it may raise to abandon the image there."""
         dtype = self.conv_stem.conv.weight.dtype
         x = pixel_values.astype(mx.float32 if dtype == mx.float16 else dtype)
         x = self.conv_stem(x)
@@ -378,7 +381,10 @@ class VisionTower(nn.Module):
         for i, stage in enumerate(self.blocks, start=1):
             for block in stage:
                 x = block(x)
-                if i <= LARGE_MAP_STAGES and mx.default_device() == mx.gpu:
+                if between_blocks is not None:
+                    mx.eval(x)
+                    between_blocks()
+                elif i <= LARGE_MAP_STAGES and mx.default_device() == mx.gpu:
                     # Evaluated block by block where the feature maps are large: a GPU back-end
                     # holds the temporaries of every command in flight, and one graph of the
                     # whole tower keeps several of these maps alive at once (768x768 on an H100:

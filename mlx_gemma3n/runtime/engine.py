@@ -8,6 +8,9 @@ does not stall the replies streaming beside it. Callers read a job's results fro
 `Request`, from any thread; a request that is cancelled, or whose reader went away, is
 stopped before its next step and its generator closed there (its `finally` frees its cache).
 
+One step can be long (a tower call takes seconds on a CPU): work inside a step calls
+`raise_if_cancelled()` where it can stop (between a tower's blocks), and the job ends there.
+
 A job runs at most `AHEAD` results ahead of its reader: a reader that stops reading stops the
 job, and a cancelled stream has computed at most one token more than its reader saw.
 """
@@ -30,6 +33,16 @@ T = TypeVar("T")
 
 AHEAD = 1  # results a job may hold that its reader has not taken yet
 IDLE_SECONDS = 1.0  # an engine thread with nothing to do for this long ends (a new one starts on demand)
+
+_running = threading.local()  # the job whose step this thread is running, if any
+
+
+def raise_if_cancelled() -> None:
+    """Raise `Cancelled` when the job whose step is running on this thread has been cancelled;
+    otherwise (or outside any job) do nothing."""
+    job = getattr(_running, "job", None)
+    if job is not None and job.cancelled:
+        raise Cancelled("The request was cancelled.")
 
 
 class _Job:
@@ -85,7 +98,7 @@ class Request(Generic[T]):
 
     def cancel(self, wait: bool = True) -> None:
         """Stop the job before its next step. With `wait`, return once it has stopped (its
-        generator closed): at most one step (a token, a prompt chunk, a tower call) later."""
+        generator closed): at most one step (a token, a prompt chunk, a tower block) later."""
         self._job.cancel(wait)
 
     def wait(self) -> Any:
@@ -208,14 +221,17 @@ class Engine:
                 except BaseException:  # noqa: BLE001 - a job's clean-up must not stop the engine
                     pass
         else:
+            _running.job = job
             try:
                 if job.steps is None:
                     job.steps = job.make()
                 result = next(job.steps)
             except StopIteration as stop:
                 finished, value = True, stop.value
-            except BaseException as e:  # noqa: BLE001 - handed to the request's reader
+            except BaseException as e:  # noqa: BLE001 - handed to the request's reader (a cancelled job's is dropped)
                 finished, error = True, e
+            finally:
+                _running.job = None
         with self._cond:
             if finished:
                 job.done, job.value = True, value

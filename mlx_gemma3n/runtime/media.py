@@ -5,7 +5,7 @@ take the place of their placeholders in the prompt."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import InputError
 from ..processing.audio import log_mel_batch
 from ..processing.image import preprocess_images
+from .engine import raise_if_cancelled
 
 
 @dataclass
@@ -40,10 +41,12 @@ class Media:
         self.audio_rows: mx.array | None = None
         self.seconds = 0.0  # spent in the towers
 
-    def add(self, model, attachments: Attachments) -> Iterator:
+    def add(self, model, attachments: Attachments, between_blocks: Callable[[], None] = raise_if_cancelled) -> Iterator:
         """Encode the attachments (on the engine's thread), one tower call at a time, each evaluated
         before the next: the peak memory is that of the largest call, not the sum. Yields a
-        `Progress` before and after each call, so that other requests may run in between."""
+        `Progress` before and after each call, so that other requests may run in between.
+        `between_blocks` runs after each block of a tower: by default it ends a cancelled
+        request there, not seconds later at the end of the tower call."""
         from .generation import Progress
 
         dims = model.config.text.hidden_size
@@ -52,7 +55,7 @@ class Media:
             yield Progress("image", i, len(attachments.pixels))
             start = time.perf_counter()
             with towers.use("vision") as tower:
-                rows = model.embed_image(mx.array(pixels), tower).reshape(-1, dims)
+                rows = model.embed_image(mx.array(pixels), tower, between_blocks=between_blocks).reshape(-1, dims)
                 mx.eval(rows)
             self.image_rows = rows if self.image_rows is None else mx.concatenate([self.image_rows, rows])
             mx.eval(self.image_rows)
@@ -63,7 +66,8 @@ class Media:
             start = time.perf_counter()
             features, valid = attachments.features
             with towers.use("audio") as tower:
-                rows = model.embed_audio_features(mx.array(features), mx.array(~valid), tower).reshape(-1, dims)
+                rows = model.embed_audio_features(mx.array(features), mx.array(~valid), tower,
+                                                  between_blocks=between_blocks).reshape(-1, dims)
                 mx.eval(rows)
             self.audio_rows = rows if self.audio_rows is None else mx.concatenate([self.audio_rows, rows])
             mx.eval(self.audio_rows)
