@@ -86,16 +86,15 @@ def main(argv=None) -> int:
 
         import time
 
-        import mlx.core as mx
 
         from mlx_gemma3n import load
-        from mlx_gemma3n.cli.common import default_dtype
+        from mlx_gemma3n.loading import resolve_dtype
         from mlx_gemma3n.live import LiveDescriber
 
-        dtype = default_dtype() if args.dtype == "auto" else args.dtype
+        dtype = resolve_dtype(args.dtype)
         print(f"loading {args.model} ({dtype}) ...", file=sys.stderr)
         began = time.monotonic()
-        model, tokenizer = load(args.model, dtype=getattr(mx, dtype), preload=("vision",))
+        model, tokenizer = load(args.model, dtype=dtype, preload=("vision",))
         print(f"loaded in {time.monotonic() - began:.1f} s", file=sys.stderr)
         live = LiveDescriber(
             model, tokenizer, FirstFrameNotice(make_source(args)), prompt=args.prompt, every=args.every,

@@ -124,17 +124,16 @@ def main(argv=None) -> int:
 
         import time
 
-        import mlx.core as mx
 
         from mlx_gemma3n import load
-        from mlx_gemma3n.cli.common import default_dtype
+        from mlx_gemma3n.loading import resolve_dtype
         from mlx_gemma3n.live import LiveTranscriber
 
-        dtype = default_dtype() if args.dtype == "auto" else args.dtype
+        dtype = resolve_dtype(args.dtype)
         print(f"loading {args.model} ({dtype}) ...", file=sys.stderr)
         began = time.monotonic()
         # The audio tower now, not in the middle of the first utterance.
-        model, tokenizer = load(args.model, dtype=getattr(mx, dtype), preload=("audio",))
+        model, tokenizer = load(args.model, dtype=dtype, preload=("audio",))
         print(f"loaded in {time.monotonic() - began:.1f} s", file=sys.stderr)
         source = make_source(args)
         printer = Printer()

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .errors import InputError
 from .processing.audio import SAMPLE_RATE
 from .sources import AudioSource, FrameSource, SourceError
 from .sources.segment import Utterance, VoiceActivitySegmenter
@@ -391,9 +392,9 @@ class LiveTranscriber(_LiveLoop):
     ):
         super().__init__(source, on_event, max_events)
         if transcribe_fn is None and (model is None or tokenizer is None):
-            raise ValueError("LiveTranscriber needs a model and its tokenizer (or a transcribe_fn).")
+            raise InputError("LiveTranscriber needs a model and its tokenizer (or a transcribe_fn).")
         if partial_every is not None and not partial_every > 0:
-            raise ValueError(f"partial_every must be a positive number of seconds or None, got {partial_every!r}.")
+            raise InputError(f"partial_every must be a positive number of seconds or None, got {partial_every!r}.")
         from .transcription import instruction
 
         self.model, self.tokenizer = model, tokenizer
@@ -551,11 +552,11 @@ class LiveDescriber(_LiveLoop):
     ):
         super().__init__(source, on_event, max_events)
         if describe_fn is None and (model is None or tokenizer is None):
-            raise ValueError("LiveDescriber needs a model and its tokenizer (or a describe_fn).")
+            raise InputError("LiveDescriber needs a model and its tokenizer (or a describe_fn).")
         if every is None and change_threshold is None:
-            raise ValueError("Give `every` (seconds), `change_threshold`, or both: otherwise only the first frame is described.")
+            raise InputError("Give `every` (seconds), `change_threshold`, or both: otherwise only the first frame is described.")
         if every is not None and not every >= 0:
-            raise ValueError(f"every must be a number of seconds >= 0 or None, got {every!r}.")
+            raise InputError(f"every must be a number of seconds >= 0 or None, got {every!r}.")
         self.model, self.tokenizer = model, tokenizer
         self.prompt, self.max_tokens = prompt, max_tokens
         self.every, self.change_threshold, self.check_every = every, change_threshold, check_every

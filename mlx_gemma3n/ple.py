@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .errors import InputError
 from .quantize import quantized_shape_info
 from .weights import CheckpointError, TensorLocation
 
@@ -151,7 +152,7 @@ class PerLayerEmbeddings(nn.Module):
     def __call__(self, ids: mx.array) -> mx.array:
         ids_np = np.array(ids, dtype=np.int64)
         if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= self.num_embeddings):
-            raise IndexError(f"Per-layer embedding ids must lie in [0, {self.num_embeddings}).")
+            raise InputError(f"Per-layer embedding ids must lie in [0, {self.num_embeddings}).")
         unique, inverse = np.unique(ids_np.reshape(-1), return_inverse=True)
         stored = [p.to_mx(r) for p, r in zip(self._parts_list(), self._rows(unique))]
         if self.quantized:

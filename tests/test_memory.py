@@ -19,6 +19,7 @@ from mlx_gemma3n import convert as convert_module
 from mlx_gemma3n.config import load_config
 from mlx_gemma3n.cli.convert import main
 from mlx_gemma3n.convert import ConvertError, convert
+from mlx_gemma3n.errors import InputError
 from mlx_gemma3n.loading import load, load_model, preload_towers, unload_towers
 from mlx_gemma3n.ple import PerLayerEmbeddings
 from mlx_gemma3n.model.text import QuantizedScaledEmbedding
@@ -102,7 +103,7 @@ def test_hot_rows_come_from_the_cache_and_the_cache_stays_bounded(tiny):
 
 def test_ple_ids_out_of_range_are_an_error_not_a_garbage_read(tiny):
     model, _ = load_model(tiny[0])
-    with pytest.raises(IndexError, match="must lie in"):
+    with pytest.raises(InputError, match="must lie in"):
         model.language_model.embed_tokens_per_layer(mx.array([[262_144]]))
 
 

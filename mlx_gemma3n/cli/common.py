@@ -25,15 +25,6 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
-def default_dtype() -> str:
-    """The compute dtype that is fast where we run: MLX's CPU back-end multiplies bfloat16
-    matrices several times slower than float32 (an image: 79 s against 21 s on a 2-core x86
-    CPU); GPUs (Metal, CUDA) are fastest in bfloat16 and hold half the memory."""
-    import mlx.core as mx
-
-    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
-
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
@@ -107,15 +98,12 @@ def check_output(path: str | None) -> None:
 
 def load_from_args(args):
     """The model and tokenizer; a `--submodel` that this model cannot run is refused here too."""
-    import mlx.core as mx
-
     from ..loading import load
     from ..submodel import Submodel, plan_for
 
     if args.submodel:
         Submodel.preset(args.submodel)  # an unknown name costs no wait
-    dtype = default_dtype() if args.dtype == "auto" else args.dtype
-    model, tokenizer = load(args.model, dtype=getattr(mx, dtype), keep_towers=not args.release_towers)
+    model, tokenizer = load(args.model, dtype=args.dtype, keep_towers=not args.release_towers)
     plan_for(model.config, args.submodel)
     return model, tokenizer
 

@@ -385,7 +385,7 @@ class TextModel(nn.Module):
         (so multimodal embeddings keep the token-identity half)."""
         if embeddings is None:
             if ids is None:
-                raise ValueError("Give token ids, embeddings, or both.")
+                raise InputError("Give token ids, embeddings, or both.")
             embeddings = self.embed_tokens(ids)
         if per_layer_inputs is None and ids is not None:
             per_layer_inputs = self.per_layer_inputs(ids)

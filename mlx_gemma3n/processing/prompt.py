@@ -3,6 +3,7 @@ expanded as Gemma 3n's processor does ("\\n\\n<start_of_image>" + 256 soft token
 
 from __future__ import annotations
 
+from ..errors import InputError
 from ..config import ModelConfig
 
 
@@ -28,6 +29,6 @@ def expand_media(text: str, tokenizer, config: ModelConfig) -> str:
 def encode(tokenizer, config: ModelConfig, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a conversation, ready for the model's turn."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("This checkpoint's tokenizer has no chat template: pass raw=True and format the prompt yourself.")
+        raise InputError("This checkpoint's tokenizer has no chat template: pass raw=True and format the prompt yourself.")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     return list(tokenizer.encode(expand_media(text, tokenizer, config), add_special_tokens=False))

@@ -25,6 +25,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from ..errors import InputError
 from ..processing.audio import SAMPLE_RATE, load_audio
 from . import Source, SourceError, SourceOverflowWarning
 
@@ -63,7 +64,7 @@ class AudioSource(Source[AudioChunk]):
     def __init__(self, chunk_seconds: float = 0.1):
         super().__init__()
         if not (isinstance(chunk_seconds, (int, float)) and chunk_seconds > 0):
-            raise ValueError(f"chunk_seconds must be a positive number of seconds, got {chunk_seconds!r}.")
+            raise InputError(f"chunk_seconds must be a positive number of seconds, got {chunk_seconds!r}.")
         self.chunk_seconds = float(chunk_seconds)
         self.chunk_size = max(1, round(chunk_seconds * SAMPLE_RATE))
 
@@ -506,7 +507,7 @@ class FileAudioSource(AudioSource):
     ):
         super().__init__(chunk_seconds)
         if not (isinstance(speed, (int, float)) and speed > 0):
-            raise ValueError(f"speed must be a positive number (1.0 is real time), got {speed!r}.")
+            raise InputError(f"speed must be a positive number (1.0 is real time), got {speed!r}.")
         self.samples = load_audio(source, sample_rate)
         self.speed = float(speed)
         self.realtime = bool(realtime)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from ..processing.audio import SAMPLE_RATE
 from .audio import AudioChunk
 
@@ -99,9 +100,9 @@ def split_on_silence(
     """
     x = np.asarray(samples)
     if x.ndim != 1:
-        raise ValueError(f"split_on_silence needs 1-D mono samples, got shape {x.shape}.")
+        raise InputError(f"split_on_silence needs 1-D mono samples, got shape {x.shape}.")
     if not (max_seconds > 0 and 0 <= overlap_seconds < max_seconds / 2):
-        raise ValueError(
+        raise InputError(
             f"need max_seconds > 0 and 0 <= overlap_seconds < max_seconds / 2, got {max_seconds} and {overlap_seconds}."
         )
     n = len(x)
@@ -154,7 +155,7 @@ class VoiceActivitySegmenter:
         sample_rate: int = SAMPLE_RATE,
     ):
         if max_seconds <= 2 * padding_seconds or cut_search_seconds >= max_seconds:
-            raise ValueError("need max_seconds > 2 * padding_seconds and cut_search_seconds < max_seconds.")
+            raise InputError("need max_seconds > 2 * padding_seconds and cut_search_seconds < max_seconds.")
         self.sr = sample_rate
         self.frame = round(FRAME_SECONDS * sample_rate)
         self.threshold_db = threshold_db

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError
 from ..processing.image import ImageError, load_image
 from ..processing.video import VideoError, _natural_key
 from . import Source, SourceError
@@ -226,7 +227,7 @@ class _ReplaySource(FrameSource):
     def __init__(self, speed: float, realtime: bool):
         super().__init__()
         if not (isinstance(speed, (int, float)) and speed > 0):
-            raise ValueError(f"speed must be a positive number (1.0 is real time), got {speed!r}.")
+            raise InputError(f"speed must be a positive number (1.0 is real time), got {speed!r}.")
         self.speed, self.realtime = float(speed), bool(realtime)
         self._t0 = 0.0
         self._frames: Iterator | None = None
@@ -292,7 +293,7 @@ class FolderSource(_ReplaySource):
     def __init__(self, folder, fps: float = 10.0, *, speed: float = 1.0, realtime: bool = True):
         super().__init__(speed, realtime)
         if not (isinstance(fps, (int, float)) and fps > 0):
-            raise ValueError(f"fps must be a positive number of frames per second, got {fps!r}.")
+            raise InputError(f"fps must be a positive number of frames per second, got {fps!r}.")
         self.folder, self.fps = Path(folder), float(fps)
         if not self.folder.is_dir():
             raise VideoError(f"Frame folder not found: {self.folder}.")
