@@ -6,8 +6,9 @@ processes with the min-max spread; and the graph primitives one decoded token ev
     python benchmarks/speed.py --model /tmp/gemma3n-E2B-random --warmup
     python benchmarks/speed.py --model /tmp/gemma3n-E2B-random --primitives   # also an E2B-shaped 4-bit model
 
-Ours and mlx-lm run under mlx-lm's generation loop (`generate_step`, greedy), mlx-vlm under its
-own; so the difference is the model code. On Linux, preload OpenBLAS (see the README); on a GPU
+Ours runs as a program uses it (`load()`, `stream_tokens` through the engine and our loop;
+`mlx_gemma3n@STEP` sets the prefill step, `before` runs an older checkout given by `--baseline`),
+mlx-lm and mlx-vlm under their own generation loops, all greedy. On Linux, preload OpenBLAS (see the README); on a GPU
 install `mlx[cuda13]`.
 """
 
@@ -69,9 +70,47 @@ def load(runtime: str, path: str, dtype):
                                                                      prefill_step_size=512))
 
 
+def ours(runtime: str, path: str, dtype):
+    """Ours as a program uses it: `load()` and `stream_tokens` through the engine and our loop.
+    "mlx_gemma3n@256" sets the prefill step; "before" is the package found first on PYTHONPATH
+    (an older checkout, to compare against)."""
+    from mlx_gemma3n import load as load_ours
+
+    try:
+        from mlx_gemma3n.runtime.generation import SamplingOptions, stream_tokens
+    except ImportError:  # a checkout from before the runtime package
+        from mlx_gemma3n.generate import SamplingOptions, stream_tokens
+    model, tokenizer = load_ours(path, dtype=dtype)
+    options = {"prefill_step_size": int(runtime.split("@")[1])} if "@" in runtime else {}
+    greedy = SamplingOptions(temperature=0.0)
+    return model, lambda ids, n: (r.token for r in stream_tokens(model, tokenizer, ids, max_tokens=n, sampling=greedy,
+                                                                  **options))
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decoded token reads: the decoder's resident weights (the tied head reads the whole
+    embedding table; the Per-Layer Embedding rows come from disk and are not counted)."""
+    from mlx.utils import tree_flatten
+
+    text = getattr(model, "language_model", model)
+    return sum(v.nbytes for _, v in tree_flatten(text.parameters()))
+
+
+def bandwidth() -> float:
+    """Device memory bandwidth in bytes/s, measured: a 1 GiB array read and written."""
+    a = mx.random.uniform(shape=(1 << 28,))
+    mx.eval(a)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        mx.eval(a * 1.0001)
+        times.append(time.perf_counter() - start)
+    return 2 * a.nbytes / min(times[1:])
+
+
 def measure(runtime: str, path: str, dtype, prompt: list[int], gen_tokens: int, warmup: bool) -> dict:
     mx.reset_peak_memory()
-    model, steps = load(runtime, path, dtype)
+    model, steps = ours(runtime, path, dtype) if runtime.startswith(("mlx_gemma3n", "before")) else load(runtime, path, dtype)
     mx.eval(model.parameters())
     if warmup:  # kernels compiled and caches sized before the clock starts
         for _ in steps(prompt, 4):
@@ -84,7 +123,8 @@ def measure(runtime: str, path: str, dtype, prompt: list[int], gen_tokens: int, 
         tokens.append(int(token))
     end = time.perf_counter()
     return dict(ttft_s=first - start, prefill_tps=len(prompt) / (first - start),
-                decode_tps=(len(tokens) - 1) / (end - first), peak_gb=mx.get_peak_memory() / 1e9, tokens=tokens)
+                decode_tps=(len(tokens) - 1) / (end - first), peak_gb=mx.get_peak_memory() / 1e9, tokens=tokens,
+                weight_bytes=weight_bytes(model))
 
 
 def decode_primitives(model, make_cache, token: int = 7) -> tuple[int, int]:
@@ -173,7 +213,10 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3, help="processes per runtime")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated subset of " + ", ".join(RUNTIMES))
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES),
+                        help="comma-separated: " + ", ".join(RUNTIMES) + "; mlx_gemma3n@STEP sets our prefill step; "
+                             "before is the package in --baseline")
+    parser.add_argument("--baseline", type=Path, help="a folder holding an older mlx_gemma3n, run as 'before'")
     parser.add_argument("--warmup", action="store_true", help="one short generation before the timed one")
     parser.add_argument("--primitives", action="store_true", help="print primitives per decoded token and exit")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single measurement, as a child process
@@ -189,15 +232,21 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.one, args.model, dtype, prompt, args.gen_tokens, args.warmup)))
         return 0
 
-    print(f"device {mx.default_device()}, dtype {args.dtype}, prompt {args.prompt_tokens} tokens, "
-          f"{args.gen_tokens} generated, median [min-max] of {args.runs} processes")
-    print(f"{'runtime':<12} {'decode tok/s':>22} {'prefill tok/s':>24} {'TTFT s':>20} {'peak GB':>18}")
+    import os
+
+    speed = bandwidth()
+    print(f"device {mx.default_device()} ({speed / 1e9:.0f} GB/s measured), dtype {args.dtype}, prompt "
+          f"{args.prompt_tokens} tokens, {args.gen_tokens} generated, median [min-max] of {args.runs} processes")
+    print(f"{'runtime':<18} {'decode tok/s':>22} {'prefill tok/s':>24} {'TTFT s':>20} {'peak GB':>18} {'% of floor':>10}")
     tokens = {}
     for runtime in args.runtimes.split(","):
         runs = []
+        env = dict(os.environ)
+        if runtime == "before":
+            env["PYTHONPATH"] = os.pathsep.join([str(args.baseline), env.get("PYTHONPATH", "")])
         for _ in range(args.runs):
             child = [sys.executable, __file__, "--one", runtime] + [a for a in (argv or sys.argv[1:]) if a != "--primitives"]
-            out = subprocess.run(child, capture_output=True, text=True)
+            out = subprocess.run(child, capture_output=True, text=True, env=env)
             if out.returncode:
                 sys.exit(f"{runtime} failed:\n{out.stderr[-2000:]}")
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -207,13 +256,15 @@ def main(argv=None) -> int:
             values = [r[key] for r in runs]
             return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
 
-        print(f"{runtime:<12} {cell('decode_tps'):>22} {cell('prefill_tps'):>24} {cell('ttft_s', '{:.3f}'):>20} "
-              f"{cell('peak_gb'):>18}", flush=True)
-    ours = tokens.get("mlx_gemma3n")
+        # The weight-streaming floor: a token cannot be faster than reading the weights once.
+        floor = 100 * statistics.median(r["decode_tps"] for r in runs) * runs[0]["weight_bytes"] / speed
+        print(f"{runtime:<18} {cell('decode_tps'):>22} {cell('prefill_tps'):>24} {cell('ttft_s', '{:.3f}'):>20} "
+              f"{cell('peak_gb'):>18} {floor:>9.1f}%", flush=True)
+    mine = next((t for r, t in tokens.items() if r.startswith("mlx_gemma3n")), None)
     for runtime, theirs in tokens.items():
-        if ours and runtime != "mlx_gemma3n":
-            same = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
-            print(f"greedy tokens identical to {runtime}'s for the first {same}/{len(ours)}")
+        if mine and not runtime.startswith("mlx_gemma3n"):
+            same = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), min(len(mine), len(theirs)))
+            print(f"greedy tokens identical to {runtime}'s for the first {same}/{len(mine)}")
     return 0
 
 
