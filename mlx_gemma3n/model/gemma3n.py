@@ -29,8 +29,8 @@ class Gemma3n(nn.Module):
     def layers(self):
         return self.language_model.layers
 
-    def make_cache(self, plan: Plan | None = None) -> list:
-        return self.language_model.make_cache(plan)
+    def make_cache(self, plan: Plan | None = None, kv_bits: int | None = None) -> list:
+        return self.language_model.make_cache(plan, kv_bits)
 
     def __call__(
         self,
