@@ -3,8 +3,8 @@ window, KV-shared layers none (they attend over their source layer's keys and va
 full-attention cache may hold its keys and values quantized (`make_full_cache(kv_bits)`), as
 it alone grows with the context; `attend` then takes what it returns.
 
-Both caches take a chunk of new keys/values (B, heads, L, dims), write it in place into a
-buffer that grows by whole steps, and return every key the chunk's queries may see. `mask(L)`,
+Each cache takes a chunk of new keys/values (B, heads, L, dims), writes it in place into
+buffers that grow by whole steps, and returns every key the chunk's queries may see. `mask(L)`,
 asked before the update, gives the matching attention mask: None, "causal" (aligned to the
 last key, as MLX's attention takes it) or a boolean (L, keys) array.
 """
@@ -18,7 +18,9 @@ import mlx.core as mx
 from .errors import InputError
 from .model.quantized import dequantize_f32
 
-KV_BITS = (8, 4)  # the widths a quantized cache takes; KL against float in `benchmarks/kv_cache.py`
+# The widths a quantized cache takes. Next-token KL against a float32 cache on a random checkpoint
+# (`benchmarks/kv_cache.py`): 8-bit ~5x a bfloat16 cache's rounding, 4-bit ~1000x.
+KV_BITS = (8, 4)
 # Affine groups along the head dimension; MLX quantizes in groups of 32, 64 or 128.
 KV_GROUP_SIZE = 64
 
@@ -93,6 +95,49 @@ class KVCache(_Buffers):
         return n <= self.offset
 
     def trim(self, n: int) -> None:
+        self.offset -= n
+
+
+class SlidingWindowCache(_Buffers):
+    """The last `window - 1` positions of a sliding-window layer: with the chunk's own, all a
+    query at window distance may see. The held positions sit at the front of the buffer and new
+    ones are written after them; when the buffer is full, the positions still needed move to the
+    front of a new one (once the window is full, a copy of it every `step` tokens)."""
+
+    step = 64
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+        self.offset = 0  # positions seen
+        self.held = 0  # of which the buffer holds the last `held`
+
+    def _visible(self, n: int) -> int:
+        """Keys a chunk of `n` new positions attends over: the past it may see, then its own."""
+        return min(self.held, self.window - 1) + n
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        visible = self._visible(n)
+        if self.keys is None or self.held + n > self.keys.shape[2]:
+            past = visible - n
+            # Grown a step at a time while the window fills, then the window and one step.
+            capacity = min(-(-(past + n) // self.step) * self.step, self.window - 1 + max(n, self.step))
+            self._reallocate(capacity, self.held - past, self.held, (keys, values))
+            self.held = past
+        self.held = self._write(self.held, keys, values)
+        self.offset += n
+        return self.keys[..., self.held - visible : self.held, :], self.values[..., self.held - visible : self.held, :]
+
+    def mask(self, n: int):
+        return attention_mask(n, self._visible(n) - n, self.window)
+
+    def can_trim(self, n: int) -> bool:
+        """Trimming must leave every position the next query may see."""
+        return n <= self.offset and self.held - n >= min(self.offset - n, self.window - 1)
+
+    def trim(self, n: int) -> None:
+        self.held -= n
         self.offset -= n
 
 
@@ -178,74 +223,43 @@ def make_full_cache(kv_bits: int | None, head_dim: int):
     return QuantizedKVCache(kv_bits)
 
 
-# On the CPU, MLX's quantized kernel beats dequantizing the keys and values for a single query
-# per head (decode) and loses from two on (`benchmarks/kv_cache.py --speed`).
-DEQUANTIZE_FROM_QUERIES = 2
-
-
 def attend(queries: mx.array, keys, values, scale: float, mask) -> mx.array:
     """Scaled dot-product attention of (B, heads, L, D) queries over float keys and values or
     over a quantized cache's (grouped-query: heads a multiple of the key/value heads)."""
     if not isinstance(keys, QuantizedKV):
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
-    # MLX's CPU kernels run float32 several times faster than bfloat16.
-    compute = mx.float32 if mx.default_device() == mx.cpu else queries.dtype
-    if mask is not None or queries.shape[2] >= DEQUANTIZE_FROM_QUERIES:
-        out = mx.fast.scaled_dot_product_attention(queries.astype(compute), keys.dequantize(compute),
-                                                   values.dequantize(compute), scale=scale, mask=mask)
-        return out.astype(queries.dtype)
+    # Decode through MLX's quantized kernel, prompt chunks dequantized. On the CPU, at 4k and 16k
+    # positions: one query per head, 19 and 71 ms against 58 and 184; 128 queries, 2.3 and 9.5 s
+    # against 0.22 and 1.2 (8-bit; the kernel wins at 2 queries, ties or loses from 3 on;
+    # `benchmarks/kv_cache.py --speed`).
+    if mask is None and queries.shape[2] == 1:
+        return attend_quantized(queries, keys, values, scale)
+    return attend_dequantized(queries, keys, values, scale, mask)
+
+
+def _compute_dtype(x: mx.array):
+    return mx.float32 if mx.default_device() == mx.cpu else x.dtype  # CPU kernels: float32 is several times faster
+
+
+def attend_dequantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, scale: float, mask) -> mx.array:
+    """MLX's fused attention over the dequantized keys and values (a transient float copy)."""
+    dtype = _compute_dtype(queries)
+    out = mx.fast.scaled_dot_product_attention(queries.astype(dtype), keys.dequantize(dtype),
+                                               values.dequantize(dtype), scale=scale, mask=mask)
+    return out.astype(queries.dtype)
+
+
+def attend_quantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, scale: float) -> mx.array:
+    """Unmasked attention through MLX's quantized kernel, softmax in float32."""
     B, H, L, D = queries.shape
     kv_heads = keys.data.shape[1]
     # Each key/value head serves H / kv_heads consecutive query heads: they become its rows.
-    grouped = queries.astype(compute).reshape(B, kv_heads, H // kv_heads * L, D)
+    grouped = queries.astype(_compute_dtype(queries)).reshape(B, kv_heads, H // kv_heads * L, D)
     scores = keys.matmul(grouped, transpose=True).astype(mx.float32)
     if scale != 1.0:
         scores = scores * scale
-    weights = mx.softmax(scores, axis=-1).astype(compute)
+    weights = mx.softmax(scores, axis=-1).astype(grouped.dtype)
     return values.matmul(weights, transpose=False).reshape(B, H, L, D).astype(queries.dtype)
-
-
-class SlidingWindowCache(_Buffers):
-    """The last `window - 1` positions of a sliding-window layer: with the chunk's own, all a
-    query at window distance may see. The held positions sit at the front of the buffer and new
-    ones are written after them; when the buffer is full, the positions still needed move to the
-    front of a new one (once the window is full, a copy of it every `step` tokens)."""
-
-    step = 64
-
-    def __init__(self, window: int):
-        super().__init__()
-        self.window = window
-        self.offset = 0  # positions seen
-        self.held = 0  # of which the buffer holds the last `held`
-
-    def _visible(self, n: int) -> int:
-        """Keys a chunk of `n` new positions attends over: the past it may see, then its own."""
-        return min(self.held, self.window - 1) + n
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        n = keys.shape[2]
-        visible = self._visible(n)
-        if self.keys is None or self.held + n > self.keys.shape[2]:
-            past = visible - n
-            # Grown a step at a time while the window fills, then the window and one step.
-            capacity = min(-(-(past + n) // self.step) * self.step, self.window - 1 + max(n, self.step))
-            self._reallocate(capacity, self.held - past, self.held, (keys, values))
-            self.held = past
-        self.held = self._write(self.held, keys, values)
-        self.offset += n
-        return self.keys[..., self.held - visible : self.held, :], self.values[..., self.held - visible : self.held, :]
-
-    def mask(self, n: int):
-        return attention_mask(n, self._visible(n) - n, self.window)
-
-    def can_trim(self, n: int) -> bool:
-        """Trimming must leave every position the next query may see."""
-        return n <= self.offset and self.held - n >= min(self.offset - n, self.window - 1)
-
-    def trim(self, n: int) -> None:
-        self.held -= n
-        self.offset -= n
 
 
 def can_trim(caches: list, n: int) -> bool:
