@@ -30,9 +30,10 @@ class Gemma3n(nn.Module):
     def layers(self):
         return self.language_model.layers
 
-    def make_cache(self, plan: Plan | None = None, submodel=None) -> list:
-        """Empty caches for the full model, or for `submodel` (a `Submodel` or a preset's name)."""
-        return self.language_model.make_cache(plan or plan_for(self.config.text, submodel))
+    def make_cache(self, plan: Plan | None = None, submodel=None, kv_bits: int | None = None) -> list:
+        """Empty caches for the full model, or for `submodel` (a `Submodel` or a preset's name);
+        the full-attention layers' keys and values `kv_bits` wide when given (8 or 4)."""
+        return self.language_model.make_cache(plan or plan_for(self.config.text, submodel), kv_bits)
 
     def __call__(
         self,

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
-from ..cache import KVCache, SlidingWindowCache, attention_mask
+from ..cache import SlidingWindowCache, attend, attention_mask, make_full_cache
 from ..config import TextConfig
 from ..errors import InputError
 from ..plan import Plan
@@ -253,7 +253,7 @@ class Attention(nn.Module):
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
         # q and k are RMS-normed, so the reference scales the scores by 1, not 1/sqrt(d).
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        out = attend(queries, keys, values, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values)
 
 
@@ -362,11 +362,13 @@ class TextModel(nn.Module):
             return mix.projection(projected, self.per_layer_projection_norm.weight)
         return mix.average(projected, self.per_layer_projection_norm.weight, per_layer_inputs)
 
-    def make_cache(self, plan: Plan | None = None) -> list:
+    def make_cache(self, plan: Plan | None = None, kv_bits: int | None = None) -> list:
         """One cache per layer of the plan that computes keys and values: sliding layers keep
-        only the window, full layers grow, KV-shared layers need none."""
+        only the window, full layers grow (`kv_bits` wide when given: 8 or 4), KV-shared layers
+        need none."""
+        window, head_dim = self.config.sliding_window, self.config.head_dim
         return [
-            SlidingWindowCache(self.config.sliding_window) if kind == "sliding_attention" else KVCache()
+            SlidingWindowCache(window) if kind == "sliding_attention" else make_full_cache(kv_bits, head_dim)
             for kind in (plan or self.plan).cache_kinds
         ]
 

@@ -1,0 +1,135 @@
+"""A quantized KV cache (full-attention layers) keeps the model's outputs close to the float
+cache's, holds bits/16 of the bytes, rewinds, and refuses widths it does not have."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma3n.cache import KVCache, QuantizedKV, QuantizedKVCache, SlidingWindowCache, attend
+from mlx_gemma3n.errors import InputError
+from mlx_gemma3n.loading import load_model
+
+from checkpoints import make_checkpoint
+
+PROMPT, CHUNK, DECODED = 40, 16, 20  # the prompt is five sliding windows of 8 long
+# Worst over the prompt's last position and the decoded ones, measured: 8-bit KL 3.5e-4,
+# |Δlogit| 0.14; 4-bit KL 0.09, |Δlogit| 1.9. A random model's flat next-token distribution
+# (logits' spread ~1 over 262k tokens) feels the keys' rounding more than a trained one's.
+TOLERANCES = {8: (1e-3, 0.3), 4: (0.3, 4.0)}  # bits: (KL, max |Δlogit|)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """The tiny checkpoint with 64-dim heads: MLX quantizes in groups of at least 32 dims."""
+    path = tmp_path_factory.mktemp("tiny-kv-quant")
+    make_checkpoint(path, {"head_dim": 64})
+    model, _ = load_model(path, dtype=mx.float32)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return np.random.RandomState(1).randint(0, 262_144, size=(1, PROMPT))
+
+
+def run(model, cache, prompt, tokens=None):
+    """Logits after the prompt (fed in chunks) and after each decoded token: greedy, or
+    `tokens` fed instead so that two caches are compared on the same inputs. -> (logits, tokens)."""
+    for start in range(0, PROMPT, CHUNK):
+        logits = model(mx.array(prompt[:, start : start + CHUNK]), cache=cache)
+    steps, fed = [logits[0, -1]], []
+    for i in range(DECODED):
+        fed.append(int(mx.argmax(steps[-1])) if tokens is None else tokens[i])
+        steps.append(model(mx.array([[fed[-1]]]), cache=cache)[0, -1])
+    return np.array(mx.stack(steps), dtype=np.float64), fed
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    def log_softmax(x):
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    log_p, log_q = log_softmax(p_logits), log_softmax(q_logits)
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+@pytest.fixture(scope="module")
+def float_run(model, prompt):
+    return run(model, model.make_cache(), prompt)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_cache_keeps_logits_close_to_the_float_cache(model, prompt, float_run, bits):
+    reference, tokens = float_run
+    logits, _ = run(model, model.make_cache(kv_bits=bits), prompt, tokens)
+    max_kl, max_diff = kl(reference, logits).max(), np.abs(reference - logits).max()
+    print(f"{bits}-bit: KL {max_kl:.2e}, max |Δlogit| {max_diff:.3f}")
+    assert max_diff > 0, "the quantized cache changed nothing: is it in use?"
+    assert max_kl < TOLERANCES[bits][0] and max_diff < TOLERANCES[bits][1], f"KL {max_kl:.2e}, |Δ| {max_diff:.3f}"
+
+
+def test_8_bit_cache_decodes_the_same_greedy_tokens(model, prompt, float_run):
+    _, expected = float_run
+    _, tokens = run(model, model.make_cache(kv_bits=8), prompt)
+    assert tokens == expected
+
+
+def test_only_full_attention_layers_are_quantized(model):
+    quantized = {KVCache: QuantizedKVCache, SlidingWindowCache: SlidingWindowCache}
+    assert [type(c) for c in model.make_cache(kv_bits=4)] == [quantized[type(c)] for c in model.make_cache()]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_quantized_cache_holds_bits_over_16_of_the_float_bytes(bits, dtype):
+    keys = mx.random.normal((1, 2, 300, 256)).astype(dtype)
+    quantized, plain = QuantizedKVCache(bits), KVCache()
+    quantized.update_and_fetch(keys, keys)
+    plain.update_and_fetch(keys, keys)
+    bits_per_value = bits + 2 * 16 / 64  # and a 16-bit scale and bias per group of 64
+    assert quantized.nbytes / plain.nbytes == pytest.approx(bits_per_value / 16)
+
+
+def test_decode_through_the_quantized_kernel_equals_attention_over_the_dequantized_cache():
+    cache = QuantizedKVCache(8)
+    keys, values = cache.update_and_fetch(*mx.random.normal((2, 1, 2, 100, 64)))
+    queries = mx.random.normal((1, 8, 1, 64))  # four query heads to each key/value head
+    expected = mx.fast.scaled_dot_product_attention(queries, keys.dequantize(mx.float32),
+                                                    values.dequantize(mx.float32), scale=0.5, mask=None)
+    assert np.abs(np.array(attend(queries, keys, values, scale=0.5, mask=None) - expected)).max() < 1e-5
+
+
+def test_trimmed_cache_continues_as_if_the_trimmed_tokens_never_came(model, prompt):
+    ids = mx.array(prompt)
+    rewound = model.make_cache(kv_bits=8)
+    model(ids[:, :30], cache=rewound)
+    assert all(c.can_trim(5) for c in rewound)
+    for c in rewound:
+        c.trim(5)
+    fresh = model.make_cache(kv_bits=8)
+    model(ids[:, :25], cache=fresh)
+    continued = [np.array(model(ids[:, 25:30], cache=c)) for c in (rewound, fresh)]
+    assert np.abs(continued[0] - continued[1]).max() < 1e-5
+
+
+def test_kv_shared_layers_attend_over_exactly_what_their_source_layer_did(model, prompt, monkeypatch):
+    import mlx_gemma3n.model.text as text
+
+    seen = []
+
+    def spy(queries, keys, values, scale, mask):
+        if isinstance(keys, QuantizedKV):
+            seen.append((keys, values))
+        return attend(queries, keys, values, scale, mask)
+
+    monkeypatch.setattr(text, "attend", spy)
+    model(mx.array(prompt[:, :CHUNK]), cache=model.make_cache(kv_bits=8))
+    # The tiny model's full-attention layers: 2 (cached), and 5 and 7, which share layer 2's.
+    assert len(seen) == 3 and all(kv[0] is seen[0][0] and kv[1] is seen[0][1] for kv in seen)
+
+
+@pytest.mark.parametrize("bits", [3, 16, "8", 8.0, True])
+def test_a_width_the_cache_does_not_have_is_an_input_error(model, bits):
+    with pytest.raises(InputError, match="kv_bits") as error:
+        model.make_cache(kv_bits=bits)
+    assert str(error.value).count(". ") == 0 and str(error.value).endswith(".")
