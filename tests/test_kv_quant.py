@@ -19,11 +19,16 @@ TOLERANCES = {8: (1e-3, 0.3), 4: (0.3, 4.0)}  # bits: (KL, max |Δlogit|)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     """The tiny checkpoint with 64-dim heads: MLX quantizes in groups of at least 32 dims."""
     path = tmp_path_factory.mktemp("tiny-kv-quant")
     make_checkpoint(path, {"head_dim": 64})
-    model, _ = load_model(path, dtype=mx.float32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    model, _ = load_model(checkpoint, dtype=mx.float32)
     return model
 
 
@@ -133,3 +138,16 @@ def test_a_width_the_cache_does_not_have_is_an_input_error(model, bits):
     with pytest.raises(InputError, match="kv_bits") as error:
         model.make_cache(kv_bits=bits)
     assert str(error.value).count(". ") == 0 and str(error.value).endswith(".")
+
+
+def test_replies_and_chats_take_kv_bits(checkpoint):
+    from mlx_gemma3n import ChatSession, InputError, SamplingOptions, generate, load
+
+    model, tokenizer = load(checkpoint, dtype=mx.float32)
+    reply = generate(model, tokenizer, "hello world", kv_bits=8, temperature=0.0, max_tokens=4)
+    assert reply == generate(model, tokenizer, "hello world", temperature=0.0, max_tokens=4)  # a short context
+    chat = ChatSession(model, tokenizer, sampling=SamplingOptions(temperature=0.0), kv_bits=4)
+    assert len(list(chat.send("the cat", max_tokens=3))) == 3
+    assert {type(c).__name__ for c in chat.cache} >= {"QuantizedKVCache"}
+    with pytest.raises(InputError):
+        generate(model, tokenizer, "hello world", kv_bits=3)

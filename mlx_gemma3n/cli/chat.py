@@ -14,7 +14,7 @@ import sys
 
 from ..errors import Gemma3nError
 from .common import (
-    add_model_args, add_sampling_args, command, load_from_args, parser, sampling_from_args, say_progress,
+    add_context_args, add_model_args, add_sampling_args, command, load_from_args, parser, sampling_from_args, say_progress,
 )
 
 HELP = """Commands:
@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     p = parser("python -m mlx_gemma3n.chat", "Chat with Gemma 3n.")
     add_model_args(p)
     add_sampling_args(p)
+    add_context_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--speed", action="store_true", help="show tokens/s after each reply")
     args = p.parse_args(argv)
@@ -169,7 +170,8 @@ def main(argv=None) -> int:
 
         model, tokenizer = load_from_args(args)
         enable_line_editing()
-        session = ChatSession(model, tokenizer, system=args.system, sampling=sampling, submodel=args.submodel)
+        session = ChatSession(model, tokenizer, system=args.system, sampling=sampling, submodel=args.submodel,
+                              kv_bits=args.kv_bits)
         Chat(session, args.max_tokens, args.speed).run()
     finally:
         signal.signal(signal.SIGINT, previous)

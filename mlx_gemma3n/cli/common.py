@@ -36,6 +36,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(python -m mlx_gemma3n.matformer --list shows them)")
 
 
+def add_context_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-bits", type=int, choices=[8, 4], default=None,
+                   help="keep the growing keys and values quantized (8 nearly halves a long context's cache)")
+
+
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float | None = None, max_tokens: int | None = None,
                       max_tokens_help: str = "longest reply, in tokens") -> None:
     from ..runtime.generation import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .common import (
-    add_model_args, add_sampling_args, command, load_from_args, parser, sampling_from_args, say_progress,
+    add_context_args, add_model_args, add_sampling_args, command, load_from_args, parser, sampling_from_args, say_progress,
 )
 
 
@@ -14,6 +14,7 @@ def main(argv=None) -> int:
     p = parser("python -m mlx_gemma3n.generate", "Generate a reply from Gemma 3n.")
     add_model_args(p)
     add_sampling_args(p)
+    add_context_args(p)
     p.add_argument("--prompt", required=True, help="the user message ('-' reads standard input)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--image", action="append", default=[], help="attach an image (path or URL); repeatable")
@@ -30,7 +31,8 @@ def main(argv=None) -> int:
     last = None
     for last in stream_generate(
         model, tokenizer, prompt, images=args.image, audio=args.audio, max_tokens=args.max_tokens,
-        system=args.system, raw=args.raw, sampling=sampling, submodel=args.submodel, progress=say_progress,
+        system=args.system, raw=args.raw, sampling=sampling, submodel=args.submodel, kv_bits=args.kv_bits,
+        progress=say_progress,
     ):
         print(last.text, end="", flush=True)
     print()

@@ -185,13 +185,14 @@ def reply(
     prefill_step_size: int = PREFILL_STEP_SIZE,
     plan: Plan | None = None,
     media_seconds: Callable[[], float] = lambda: 0.0,
+    kv_bits: int | None = None,
 ) -> Iterator[Progress | GenerationResponse]:
     """A reply as an engine job: `Progress` while the prompt goes in, then one
     `GenerationResponse` per token; the last says why it stopped (its text is what the
     detokenizer held back, its token may be an end-of-sequence id). `input_embeddings` may be a
     function, called here, on the engine's thread."""
     sampling = sampling or SamplingOptions()
-    cache = cache if cache is not None else model.make_cache(plan)
+    cache = cache if cache is not None else model.make_cache(plan, kv_bits=kv_bits)
     if callable(input_embeddings):
         input_embeddings = input_embeddings()
     detokenizer = tokenizer.detokenizer
@@ -255,11 +256,15 @@ def stream_tokens(
     prefill_step_size: int = PREFILL_STEP_SIZE,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
     submodel=None,
+    kv_bits: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream the reply to ready-made prompt token ids, one `GenerationResponse` per token. The
     tokens continue `prompt_cache` when it is given (it is filled in place; made for the same
-    `submodel`)."""
+    `submodel`); otherwise a new cache is made, its full-attention keys and values `kv_bits` wide
+    when given (see `stream_generate`)."""
     plan = plan_for(model.config, submodel)
+    if prompt_cache is None:
+        prompt_cache = model.make_cache(plan, kv_bits=kv_bits)  # refused here, not on the engine, if wrong
     max_tokens = _check_request(model, prompt_tokens, prompt_cache, max_tokens)
     if input_embeddings is not None:
         mx.eval(input_embeddings)  # MLX runs a graph on the thread that built it: here, not on the engine's
@@ -295,13 +300,16 @@ def stream_generate(
     raw: bool = False,
     sampling: SamplingOptions | None = None,
     submodel=None,
+    kv_bits: int | None = None,
     progress: Callable[[Progress], None] | None = None,
     **options,
 ) -> Iterator[GenerationResponse]:
     """Stream the reply to `prompt` (a user message, or a list of chat messages), with `images`
     (paths, URLs, bytes, PIL images, arrays) and `audio` (see `prepare_audio`) attached.
     `raw=True` sends the text as it is, without the chat template. `submodel` (a MatFormer
-    `Submodel` or a preset's name, e.g. "E2B") runs that size of the loaded model. Extra keyword
+    `Submodel` or a preset's name, e.g. "E2B") runs that size of the loaded model. `kv_bits` (8 or
+    4) keeps the keys and values of the full-attention layers, the ones that grow with the context,
+    quantized: 8 bits nearly halves the cache of a long context for a small loss. Extra keyword
     arguments are `SamplingOptions` fields. `progress` is called with a `Progress` as the
     attachments and the prompt go through the model."""
     sampling = sampling or SamplingOptions(**options)
@@ -310,11 +318,12 @@ def stream_generate(
     tokens = prompt_tokens(model, tokenizer, prompt, images=attachments.images, audio=attachments.audio,
                            system=system, raw=raw)
     max_tokens = _check_request(model, tokens, None, max_tokens)
+    cache = model.make_cache(plan, kv_bits=kv_bits)
 
     def job():
         media = Media()
         yield from media.add(model, attachments)
-        yield from reply(model, tokenizer, tokens, max_tokens=max_tokens, sampling=sampling, plan=plan,
+        yield from reply(model, tokenizer, tokens, max_tokens=max_tokens, sampling=sampling, plan=plan, cache=cache,
                          input_embeddings=lambda: media.embeddings(model, tokens, 0),
                          media_seconds=lambda: media.seconds)
 

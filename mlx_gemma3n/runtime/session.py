@@ -25,12 +25,16 @@ class ChatSession:
     END_OF_TURN = "<end_of_turn>"  # closes a turn in Gemma's chat template
 
     def __init__(self, model, tokenizer, system: str | None = None, sampling: SamplingOptions | None = None,
-                 submodel=None):
+                 submodel=None, kv_bits: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.sampling = sampling or SamplingOptions()
         self.plan = plan_for(model.config, submodel)
+        self.kv_bits = kv_bits  # see `stream_generate`
         self.reset()
+
+    def _new_cache(self) -> list:
+        return self.model.make_cache(self.plan, kv_bits=self.kv_bits)
 
     def resize(self, submodel) -> None:
         """Go on at another MatFormer size (a `Submodel`, a preset's name, or None for the full
@@ -39,11 +43,11 @@ class ChatSession:
         plan = plan_for(self.model.config, submodel)
         if plan != self.plan:
             self.plan = plan
-            self.cache, self.cached_tokens = self.model.make_cache(plan), []
+            self.cache, self.cached_tokens = self._new_cache(), []
 
     def reset(self) -> None:
         self.messages: list[dict] = chat_messages([], self.system)
-        self.cache = self.model.make_cache(self.plan)
+        self.cache = self._new_cache()
         self.conversation: list[int] = []  # prompt and reply ids of every turn so far
         self.media = Media()  # soft tokens of every attachment so far
         self.cached_tokens: list[int] = []  # exactly the ids whose keys/values the cache holds
@@ -73,7 +77,7 @@ class ChatSession:
             if can_trim(self.cache, extra):
                 trim(self.cache, extra)
             else:  # a sliding window that has moved on cannot be rewound: start over
-                self.cache, common = self.model.make_cache(self.plan), 0
+                self.cache, common = self._new_cache(), 0
         self.cached_tokens = tokens[:common]
         return tokens[common:]
 
@@ -131,7 +135,7 @@ class ChatSession:
         if len(offsets) == 1:  # (prompt + the reply's ids, and possibly its end-of-turn id)
             self.cached_tokens = (prompt + generated + [None])[: offsets.pop()]
         else:  # interrupted halfway through the layers: the cache cannot be trusted
-            self.cache, self.cached_tokens = self.model.make_cache(self.plan), []
+            self.cache, self.cached_tokens = self._new_cache(), []
 
 
 def _room(model, prompt: list[int]) -> int:
