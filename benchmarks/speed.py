@@ -74,11 +74,12 @@ def ours(runtime: str, path: str, dtype):
     """Ours as a program uses it: `load()` and `stream_tokens` through the engine and our loop.
     "mlx_gemma3n@256" sets the prefill step; "before" is the package found first on PYTHONPATH
     (an older checkout, to compare against)."""
+    import mlx_gemma3n
     from mlx_gemma3n import load as load_ours
 
-    try:
+    if (Path(mlx_gemma3n.__file__).parent / "runtime").is_dir():
         from mlx_gemma3n.runtime.generation import SamplingOptions, stream_tokens
-    except ImportError:  # a checkout from before the runtime package
+    else:  # a checkout from before the runtime package
         from mlx_gemma3n.generate import SamplingOptions, stream_tokens
     model, tokenizer = load_ours(path, dtype=dtype)
     options = {"prefill_step_size": int(runtime.split("@")[1])} if "@" in runtime else {}
