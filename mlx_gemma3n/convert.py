@@ -233,6 +233,8 @@ def check_options(quantize: bool, bits: int, group_size: int, recipe: str, ple_b
         raise ConvertError(f"group size must be one of {GROUP_SIZES}, not {group_size}.")
     if recipe not in RECIPES:
         raise ConvertError(f"Unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}.")
+    if quantize and recipe == "compact" and bits != 4:
+        raise ConvertError(f"The compact recipe is defined at 4 bits, not {bits}: use --bits 4 or another recipe.")
 
 
 def check_output_dir(out: str | Path) -> Path:
@@ -385,7 +387,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES))
     parser.add_argument("--recipe", default="uniform", choices=list(RECIPES),
-                        help="uniform: every layer at --bits; mixed: the sensitive ones at 8 bits")
+                        help="uniform: every layer at --bits; mixed: the sensitive ones at 8 bits; "
+                             "compact (4 bits): part of the MLP at 3 bits, for the smallest memory")
     parser.add_argument("--ple-bits", type=int, choices=[4, 8], default=None,
                         help="also quantize the Per-Layer Embedding table (it is never resident; this cuts disk and I/O)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,

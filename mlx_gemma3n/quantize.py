@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map_with_path
 
+from .errors import InputError
 from .model.quantized import QuantizedLinear
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -91,7 +92,12 @@ _MIXED_8BIT = (
     r"\.altup\.modality_router$",
     r"^embed_(audio|vision)\.",
 )
-RECIPES = ("uniform", "mixed")
+# "compact" (4 bits only) stores part of the decoder's MLP at 3 bits, for E4B to fit a smaller
+# memory budget: the MLP is 78% of E4B's text weights. The part is COMPACT_PART, chosen by KL per
+# byte saved with `benchmarks/memory.py --kl --kl-set mlp` (README, "Memory and conversion").
+COMPACT_PART = r"\.mlp\.down_proj$"
+COMPACT_BITS = 3
+RECIPES = ("uniform", "mixed", "compact")
 
 
 def recipe_bits(path: str, bits: int, recipe: str = "uniform", overrides: dict[str, int | None] | None = None) -> int | None:
@@ -99,10 +105,12 @@ def recipe_bits(path: str, bits: int, recipe: str = "uniform", overrides: dict[s
     for pattern, value in (overrides or {}).items():
         if re.search(pattern, path):
             return value
+    if recipe not in RECIPES:
+        raise InputError(f"Unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}.")
     if recipe == "mixed" and any(re.search(p, path) for p in _MIXED_8BIT):
         return max(bits, 8)
-    if recipe not in RECIPES:
-        raise ValueError(f"Unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}.")
+    if recipe == "compact" and re.search(COMPACT_PART, path):
+        return min(bits, COMPACT_BITS)
     return bits
 
 
