@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_gemma3n.quantize import DEFAULT_GROUP_SIZE
+from mlx_gemma3n.quantize import DEFAULT_GROUP_SIZE, RECIPES
 
 HERE = Path(__file__).resolve().parent
 
@@ -141,26 +141,32 @@ def child(args) -> dict:
 
 # ----------------------------------------------------------------------------- preparation
 
-def prepare(root: Path, sizes, want_vlm: bool, group_size: int = DEFAULT_GROUP_SIZE, log=print,
-            tokenizer: str = "real") -> dict[str, Path]:
+def random_checkpoint(root: Path, size: str, log=print) -> Path:
     sys.path.insert(0, str(HERE))
     from random_checkpoint import write_checkpoint
 
+    src = root / size
+    if not (src / "config.json").exists():
+        log(f"writing a random {size} checkpoint to {src}")
+        write_checkpoint(src, size, progress=log)
+    return src
+
+
+def prepare(root: Path, sizes, want_vlm: bool, group_size: int = DEFAULT_GROUP_SIZE, log=print,
+            tokenizer: str = "real", recipes=("uniform",)) -> dict[str, Path]:
     from mlx_gemma3n.convert import convert
 
     paths = {}
     for size in sizes:
-        src = root / size
-        if not (src / "config.json").exists():
-            log(f"writing a random {size} checkpoint to {src}")
-            write_checkpoint(src, size, progress=log)
-        paths[size] = src
-        q = root / f"{size}-4bit-g{group_size}"
-        if not (q / "config.json").exists():
-            t = time.perf_counter()
-            convert(src, q, quantize=True, bits=4, group_size=group_size)
-            log(f"converted {size} to 4-bit (group size {group_size}) in {time.perf_counter() - t:.0f} s")
-        paths[f"{size}-4bit"] = q
+        src = paths[size] = random_checkpoint(root, size, log)
+        for recipe in recipes:
+            suffix = "" if recipe == "uniform" else f"-{recipe}"
+            q = root / f"{size}-4bit-g{group_size}{suffix}"
+            if not (q / "config.json").exists():
+                t = time.perf_counter()
+                convert(src, q, quantize=True, bits=4, group_size=group_size, recipe=recipe)
+                log(f"converted {size} to 4-bit{suffix} (group size {group_size}) in {time.perf_counter() - t:.0f} s")
+            paths[f"{size}-4bit{suffix}"] = q
     if want_vlm and "E2B" in sizes:
         paths["E2B-vlm-4bit"] = _mlx_vlm_conversion(root, log)
     for path in paths.values():
@@ -350,6 +356,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=16)
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="group size of our 4-bit conversions")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["uniform"],
+                   help="recipes of our 4-bit conversions (each measured)")
+    p.add_argument("--repeat", type=int, default=1, help="processes per configuration (median and spread printed)")
     p.add_argument("--prefill-step-size", type=int, help="prompt tokens per forward pass (default: mlx_gemma3n's)")
     p.add_argument("--tokenizer", choices=["real", "small"], default="real",
                    help="Gemma's real-sized tokenizer (default) or the tests' small one")
@@ -376,7 +385,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return 0
     if args.kl:
-        prepare(args.ckpt_root, ["E2B"], want_vlm=False)
+        random_checkpoint(args.ckpt_root, "E2B")
         for gain in args.kl_branch_gain:
             print(f"KL vs bf16 weights, random E2B with residual branches x{gain}, {args.kl_prompts} prompts x "
                   f"{args.kl_tokens} tokens, group size {64 if args.kl_set == 'recipes' else 128} unless named:")
@@ -384,13 +393,16 @@ def main(argv=None) -> int:
         return 0
 
     paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer, group_size=args.group_size,
-                    tokenizer=args.tokenizer)
+                    tokenizer=args.tokenizer, recipes=args.recipes)
     runs = []
     q_label = f" g{args.group_size}"
     for size in args.sizes:
         if not args.skip_bf16:
             runs.append((f"{size} bf16 text (ours)", paths[size], "ours", "text"))
-        runs.append((f"{size} 4-bit{q_label} text (ours)", paths[f"{size}-4bit"], "ours", "text"))
+        for recipe in args.recipes:
+            suffix = "" if recipe == "uniform" else f"-{recipe}"
+            runs.append((f"{size} 4-bit{q_label}{suffix.replace('-', ' ')} text (ours)", paths[f"{size}-4bit{suffix}"],
+                         "ours", "text"))
         if size == "E2B" and not args.skip_peer:
             runs.append(("E2B mlx-vlm 4-bit text (ours)", paths["E2B-vlm-4bit"], "ours", "text"))
             runs.append(("E2B mlx-vlm 4-bit text (mlx-vlm)", paths["E2B-vlm-4bit"], "mlx-vlm", "text"))
@@ -412,14 +424,25 @@ def main(argv=None) -> int:
     for label, path, impl, inputs in runs:
         if args.warmup:
             subprocess.run(_child_command(args, path, impl, inputs, gen_tokens=2), capture_output=True)
-        proc = subprocess.run(_child_command(args, path, impl, inputs, args.gen_tokens), capture_output=True, text=True)
-        result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
-        if result is None:
-            print(f"{label:<36} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", flush=True)
+        results = []
+        for _ in range(args.repeat):
+            proc = subprocess.run(_child_command(args, path, impl, inputs, args.gen_tokens), capture_output=True,
+                                  text=True)
+            result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
+                          None)
+            if result is None:
+                print(f"{label:<36} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", flush=True)
+                break
+            results.append(result)
+        if not results:
             continue
+        results.sort(key=lambda r: r["peak_rss_gb"])
+        result = results[len(results) // 2]  # the median run by peak RSS
+        peaks = [r["peak_rss_gb"] for r in results]
+        spread = f" ({len(peaks)} runs: {peaks[0]:.3f}-{peaks[-1]:.3f})" if len(peaks) > 1 else ""
         print(f"{label:<36} {result['peak_rss_gb']:>11.2f} {result['mlx_peak_gb']:>11.2f} "
               f"{result['load_to_first_token_s']:>15.1f} {result['decode_tok_s']:>12.2f} "
-              f"{'yes' if result['torch'] else 'no':>5}   {json.dumps(result)}", flush=True)
+              f"{'yes' if result['torch'] else 'no':>5}{spread}   {json.dumps(result)}", flush=True)
     return 0
 
 
