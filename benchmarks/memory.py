@@ -271,7 +271,7 @@ def mlp_candidates(text_config) -> list[tuple[str, object, int]]:
     rows = [("uniform 4-bit, group size 128", lambda path: 4, 128)]
     for label, pattern, bits in parts:
         rows.append((f"4-bit, {label}", lambda path, p=pattern, b=bits: recipe_bits(path, 4, overrides={p: b}), 128))
-    rows.append(("compact", lambda path: recipe_bits(path, 4, "compact"), 128))
+    rows.append(("compact", lambda path: recipe_bits(path, 4, "compact", first_kv_shared_layer=shared), 128))
     return rows
 
 

@@ -115,6 +115,7 @@ def plan(
     """What every tensor of `checkpoint` becomes in the converted output. Weights that are
     already quantized (packed uint32) are copied as they are."""
     layers = _quantizable_modules(checkpoint.config) if quantize or ple_bits else set()
+    shared = checkpoint.config.text.first_kv_shared_layer
     tensors = []
     for name, where in checkpoint.locations.items():
         ours = checkpoint.our_name(name)
@@ -135,7 +136,7 @@ def plan(
             if module == PLE_NAME:
                 t.bits = ple_bits
             elif quantize:
-                t.bits = recipe_bits(module, bits, recipe)
+                t.bits = recipe_bits(module, bits, recipe, first_kv_shared_layer=shared)
             t.group_size = group_size if t.bits else None
         tensors.append(t)
     # The decoder and embedders go into shards of at most SHARD_BYTES.
@@ -388,7 +389,7 @@ def main(argv=None) -> int:
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES))
     parser.add_argument("--recipe", default="uniform", choices=list(RECIPES),
                         help="uniform: every layer at --bits; mixed: the sensitive ones at 8 bits; "
-                             "compact (4 bits): part of the MLP at 3 bits, for the smallest memory")
+                             "compact (4 bits): the KV-shared layers' MLP at 3 bits, for the smallest memory")
     parser.add_argument("--ple-bits", type=int, choices=[4, 8], default=None,
                         help="also quantize the Per-Layer Embedding table (it is never resident; this cuts disk and I/O)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
