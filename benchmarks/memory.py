@@ -4,6 +4,7 @@ of audio) and under mlx-vlm loading mlx-vlm's own conversion of the same weights
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 512 --gen-tokens 128 --warmup   # on a GPU
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 8 --gen-tokens 4                # on a CPU
     python benchmarks/memory.py --kl --ckpt-root DIR --kl-branch-gain 0.1 0.3 0.5  # the KL table of the recipes
+    python benchmarks/memory.py --kl --kl-set mlp --ckpt-root DIR  # parts of the MLP at 3 bits (compact)
 
 Checkpoints (reused when present): ROOT/E2B and ROOT/E4B (random, real names and shapes, written
 by random_checkpoint.py), ROOT/E2B-4bit-g128 (ours, at --group-size), ROOT/E2B-vlm-4bit (mlx-vlm's
@@ -35,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_gemma3n.quantize import DEFAULT_GROUP_SIZE
+from mlx_gemma3n.quantize import DEFAULT_GROUP_SIZE, RECIPES
 
 HERE = Path(__file__).resolve().parent
 
@@ -140,26 +141,32 @@ def child(args) -> dict:
 
 # ----------------------------------------------------------------------------- preparation
 
-def prepare(root: Path, sizes, want_vlm: bool, group_size: int = DEFAULT_GROUP_SIZE, log=print,
-            tokenizer: str = "real") -> dict[str, Path]:
+def random_checkpoint(root: Path, size: str, log=print) -> Path:
     sys.path.insert(0, str(HERE))
     from random_checkpoint import write_checkpoint
 
+    src = root / size
+    if not (src / "config.json").exists():
+        log(f"writing a random {size} checkpoint to {src}")
+        write_checkpoint(src, size, progress=log)
+    return src
+
+
+def prepare(root: Path, sizes, want_vlm: bool, group_size: int = DEFAULT_GROUP_SIZE, log=print,
+            tokenizer: str = "real", recipes=("uniform",)) -> dict[str, Path]:
     from mlx_gemma3n.convert import convert
 
     paths = {}
     for size in sizes:
-        src = root / size
-        if not (src / "config.json").exists():
-            log(f"writing a random {size} checkpoint to {src}")
-            write_checkpoint(src, size, progress=log)
-        paths[size] = src
-        q = root / f"{size}-4bit-g{group_size}"
-        if not (q / "config.json").exists():
-            t = time.perf_counter()
-            convert(src, q, quantize=True, bits=4, group_size=group_size)
-            log(f"converted {size} to 4-bit (group size {group_size}) in {time.perf_counter() - t:.0f} s")
-        paths[f"{size}-4bit"] = q
+        src = paths[size] = random_checkpoint(root, size, log)
+        for recipe in recipes:
+            suffix = "" if recipe == "uniform" else f"-{recipe}"
+            q = root / f"{size}-4bit-g{group_size}{suffix}"
+            if not (q / "config.json").exists():
+                t = time.perf_counter()
+                convert(src, q, quantize=True, bits=4, group_size=group_size, recipe=recipe)
+                log(f"converted {size} to 4-bit{suffix} (group size {group_size}) in {time.perf_counter() - t:.0f} s")
+            paths[f"{size}-4bit{suffix}"] = q
     if want_vlm and "E2B" in sizes:
         paths["E2B-vlm-4bit"] = _mlx_vlm_conversion(root, log)
     for path in paths.values():
@@ -233,46 +240,100 @@ def condition(text_model, branch_gain: float) -> None:
             norm.weight = norm.weight * branch_gain
 
 
-def kl_table(root: Path, prompts: int, tokens: int, branch_gain: float) -> list[tuple[str, float, float]]:
-    """KL(bf16 weights || quantized weights) of each recipe on the random E2B, conditioned as
-    `condition` says. Weights are rounded through the quantizer (the values a quantized layer
-    multiplies with) and everything runs in float32, so quantization is the only error."""
+def recipe_candidates(text_config) -> list[tuple[str, object, int]]:
+    """(label, bits of a module path, group size): the recipes and each group at 8 bits."""
+    from mlx_gemma3n.quantize import recipe_bits
+
+    rows = [("uniform 8-bit", lambda path: 8, 64), ("uniform 4-bit", lambda path: 4, 64),
+            ("uniform 4-bit, group size 128", lambda path: 4, 128)]
+    for name, pattern in KL_GROUPS.items():
+        rows.append((f"4-bit, {name} at 8", lambda path, p=pattern: recipe_bits(path, 4, overrides={p: 8}), 64))
+    rows.append(("mixed (4-bit, sensitive layers at 8)", lambda path: recipe_bits(path, 4, "mixed"), 64))
+    return rows
+
+
+def mlp_candidates(text_config) -> list[tuple[str, object, int]]:
+    """Parts of the MLP at fewer bits, the rest at 4 (group size 128): which part costs the least
+    KL per byte saved. The first row is the baseline the others are compared with."""
+    from mlx_gemma3n.quantize import recipe_bits
+
+    shared = text_config.first_kv_shared_layer
+    lower = "|".join(str(i) for i in range(shared))
+    upper = "|".join(str(i) for i in range(shared, text_config.num_hidden_layers))
+    parts = [
+        ("gate_proj at 3", r"\.mlp\.gate_proj$", 3), ("up_proj at 3", r"\.mlp\.up_proj$", 3),
+        ("down_proj at 3", r"\.mlp\.down_proj$", 3), ("gate_proj + up_proj at 3", r"\.mlp\.(gate|up)_proj$", 3),
+        (f"MLP at 3 in layers 0-{shared - 1}", rf"\.layers\.({lower})\.mlp\.", 3),
+        (f"MLP at 3 in layers {shared}-{text_config.num_hidden_layers - 1} (KV-shared)",
+         rf"\.layers\.({upper})\.mlp\.", 3),
+        ("MLP at 3", r"\.mlp\.", 3), ("up_proj at 2", r"\.mlp\.up_proj$", 2),
+    ]
+    rows = [("uniform 4-bit, group size 128", lambda path: 4, 128)]
+    for label, pattern, bits in parts:
+        rows.append((f"4-bit, {label}", lambda path, p=pattern, b=bits: recipe_bits(path, 4, overrides={p: b}), 128))
+    rows.append(("compact", lambda path: recipe_bits(path, 4, "compact", first_kv_shared_layer=shared), 128))
+    return rows
+
+
+KL_SETS = {"recipes": recipe_candidates, "mlp": mlp_candidates}
+
+
+def kl_table(root: Path, prompts: int, tokens: int, branch_gain: float, kl_set: str = "recipes"
+             ) -> list[tuple[str, float, float]]:
+    """KL(bf16 weights || quantized weights) of each candidate of `kl_set` on the random E2B,
+    conditioned as `condition` says. Weights are rounded through the quantizer (the values a
+    quantized layer multiplies with) and everything runs in float32, so quantization is the only
+    error. The mlp set adds the KL each row adds to the first per point of bf16 size it saves."""
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
 
     from mlx_gemma3n.loading import load_model
-    from mlx_gemma3n.quantize import fake_quantize, kl_divergence, quantizable, recipe_bits
+    from mlx_gemma3n.quantize import fake_quantize, kl_divergence, quantizable
 
     batch = mx.array(np.random.default_rng(0).integers(1000, 200_000, size=(prompts, tokens)))
     model, _ = load_model(root / "E2B", dtype=mx.float32)
     text = model.language_model
     condition(text, branch_gain)
-    originals = {"language_model." + path: (m, m.weight.astype(mx.bfloat16))
-                 for path, m in text.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    modules = {"language_model." + path: m for path, m in text.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     reference = model(batch)
     mx.eval(reference)
 
-    candidates = [("uniform 8-bit", lambda path: 8, 64), ("uniform 4-bit", lambda path: 4, 64),
-                  ("uniform 4-bit, group size 128", lambda path: 4, 128)]
-    for name, pattern in KL_GROUPS.items():
-        candidates.append((f"4-bit, {name} at 8", lambda path, p=pattern: recipe_bits(path, 4, overrides={p: 8}), 64))
-    candidates.append(("mixed (4-bit, sensitive layers at 8)", lambda path: recipe_bits(path, 4, "mixed"), 64))
+    candidates = KL_SETS[kl_set](model.config.text)
+
+    def setting(path, bits_of, group_size):
+        bits = bits_of(path)
+        return (bits, group_size) if bits and quantizable(modules[path].weight.shape, group_size) else None
+
+    def rounded(weight, how):
+        return weight if how is None else fake_quantize(weight, *how)
+
+    # A weight every candidate rounds alike is rounded once; only the others keep a bf16 original.
+    originals = {}
+    for path, module in modules.items():
+        hows = {setting(path, bits_of, g) for _, bits_of, g in candidates}
+        if len(hows) == 1:
+            module.weight = rounded(module.weight.astype(mx.bfloat16).astype(mx.float32), hows.pop())
+            mx.eval(module.weight)
+        else:
+            originals[path] = module.weight.astype(mx.bfloat16)
+            mx.eval(originals[path])
     rows = []
     for label, bits_of, group_size in candidates:
         stored = total = 0.0
-        for path, (module, weight) in originals.items():
-            bits = bits_of(path)
-            total += weight.size * 16
-            if bits and quantizable(weight.shape, group_size):
-                module.weight = fake_quantize(weight.astype(mx.float32), bits, group_size)
-                stored += weight.size * (bits + 32 / group_size)  # plus a bf16 scale and bias per group
-            else:
-                module.weight = weight.astype(mx.float32)
-                stored += weight.size * 16
+        for path, module in modules.items():
+            how = setting(path, bits_of, group_size)
+            size = module.weight.size
+            total += size * 16
+            stored += size * (how[0] + 32 / how[1] if how else 16)  # plus a bf16 scale and bias per group
+            if path in originals:
+                module.weight = rounded(originals[path].astype(mx.float32), how)
         kl = kl_divergence(reference, model(batch))
         rows.append((label, kl, stored / total))
-        print(f"{label:<44} KL {kl:.2e} nats   text weights {stored / total * 100:5.1f}% of bf16", flush=True)
+        per_point = ""
+        if kl_set == "mlp" and len(rows) > 1 and rows[0][2] > stored / total:
+            per_point = f"   +{(kl - rows[0][1]) / ((rows[0][2] - stored / total) * 100):.2e} nats per point saved"
+        print(f"{label:<52} KL {kl:.2e} nats   text weights {stored / total * 100:5.1f}% of bf16{per_point}", flush=True)
     return rows
 
 
@@ -295,6 +356,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--gen-tokens", type=int, default=16)
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="group size of our 4-bit conversions")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["uniform"],
+                   help="recipes of our 4-bit conversions (each measured)")
+    p.add_argument("--repeat", type=int, default=1, help="processes per configuration (median and spread printed)")
     p.add_argument("--prefill-step-size", type=int, help="prompt tokens per forward pass (default: mlx_gemma3n's)")
     p.add_argument("--tokenizer", choices=["real", "small"], default="real",
                    help="Gemma's real-sized tokenizer (default) or the tests' small one")
@@ -306,6 +370,8 @@ def main(argv=None) -> int:
     p.add_argument("--kl", action="store_true", help="print the KL table of the quantization recipes instead")
     p.add_argument("--kl-prompts", type=int, default=4)
     p.add_argument("--kl-tokens", type=int, default=16)
+    p.add_argument("--kl-set", choices=list(KL_SETS), default="recipes",
+                   help="recipes: the recipes and each group at 8 bits; mlp: parts of the MLP at fewer bits")
     p.add_argument("--kl-branch-gain", type=float, nargs="+", default=[0.3],
                    help="residual-branch scale(s) of the random proxy (see `condition`)")
     # internal: one configuration
@@ -319,21 +385,24 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return 0
     if args.kl:
-        prepare(args.ckpt_root, ["E2B"], want_vlm=False)
+        random_checkpoint(args.ckpt_root, "E2B")
         for gain in args.kl_branch_gain:
             print(f"KL vs bf16 weights, random E2B with residual branches x{gain}, {args.kl_prompts} prompts x "
-                  f"{args.kl_tokens} tokens, group size 64 unless named:")
-            kl_table(args.ckpt_root, args.kl_prompts, args.kl_tokens, gain)
+                  f"{args.kl_tokens} tokens, group size {64 if args.kl_set == 'recipes' else 128} unless named:")
+            kl_table(args.ckpt_root, args.kl_prompts, args.kl_tokens, gain, args.kl_set)
         return 0
 
     paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer, group_size=args.group_size,
-                    tokenizer=args.tokenizer)
+                    tokenizer=args.tokenizer, recipes=args.recipes)
     runs = []
     q_label = f" g{args.group_size}"
     for size in args.sizes:
         if not args.skip_bf16:
             runs.append((f"{size} bf16 text (ours)", paths[size], "ours", "text"))
-        runs.append((f"{size} 4-bit{q_label} text (ours)", paths[f"{size}-4bit"], "ours", "text"))
+        for recipe in args.recipes:
+            suffix = "" if recipe == "uniform" else f"-{recipe}"
+            runs.append((f"{size} 4-bit{q_label}{suffix.replace('-', ' ')} text (ours)", paths[f"{size}-4bit{suffix}"],
+                         "ours", "text"))
         if size == "E2B" and not args.skip_peer:
             runs.append(("E2B mlx-vlm 4-bit text (ours)", paths["E2B-vlm-4bit"], "ours", "text"))
             runs.append(("E2B mlx-vlm 4-bit text (mlx-vlm)", paths["E2B-vlm-4bit"], "mlx-vlm", "text"))
@@ -355,14 +424,25 @@ def main(argv=None) -> int:
     for label, path, impl, inputs in runs:
         if args.warmup:
             subprocess.run(_child_command(args, path, impl, inputs, gen_tokens=2), capture_output=True)
-        proc = subprocess.run(_child_command(args, path, impl, inputs, args.gen_tokens), capture_output=True, text=True)
-        result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
-        if result is None:
-            print(f"{label:<36} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", flush=True)
+        results = []
+        for _ in range(args.repeat):
+            proc = subprocess.run(_child_command(args, path, impl, inputs, args.gen_tokens), capture_output=True,
+                                  text=True)
+            result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")),
+                          None)
+            if result is None:
+                print(f"{label:<36} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}", flush=True)
+                break
+            results.append(result)
+        if not results:
             continue
+        results.sort(key=lambda r: r["peak_rss_gb"])
+        result = results[len(results) // 2]  # the median run by peak RSS
+        peaks = [r["peak_rss_gb"] for r in results]
+        spread = f" ({len(peaks)} runs: {peaks[0]:.3f}-{peaks[-1]:.3f})" if len(peaks) > 1 else ""
         print(f"{label:<36} {result['peak_rss_gb']:>11.2f} {result['mlx_peak_gb']:>11.2f} "
               f"{result['load_to_first_token_s']:>15.1f} {result['decode_tok_s']:>12.2f} "
-              f"{'yes' if result['torch'] else 'no':>5}   {json.dumps(result)}", flush=True)
+              f"{'yes' if result['torch'] else 'no':>5}{spread}   {json.dumps(result)}", flush=True)
     return 0
 
 

@@ -113,6 +113,7 @@ def plan(
     """What every tensor of `checkpoint` becomes in the converted output. Weights that are
     already quantized (packed uint32) are copied as they are."""
     layers = _quantizable_modules(checkpoint.config) if quantize or ple_bits else set()
+    shared = checkpoint.config.text.first_kv_shared_layer
     tensors = []
     for name, where in checkpoint.locations.items():
         ours = checkpoint.our_name(name)
@@ -133,7 +134,7 @@ def plan(
             if module == PLE_NAME:
                 t.bits = ple_bits
             elif quantize:
-                t.bits = recipe_bits(module, bits, recipe)
+                t.bits = recipe_bits(module, bits, recipe, first_kv_shared_layer=shared)
             t.group_size = group_size if t.bits else None
         tensors.append(t)
     # The decoder and embedders go into shards of at most SHARD_BYTES.
@@ -231,6 +232,8 @@ def check_options(quantize: bool, bits: int, group_size: int, recipe: str, ple_b
         raise ConvertError(f"group size must be one of {GROUP_SIZES}, not {group_size}.")
     if recipe not in RECIPES:
         raise ConvertError(f"Unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}.")
+    if quantize and recipe == "compact" and bits != 4:
+        raise ConvertError(f"The compact recipe is defined at 4 bits, not {bits}: use --bits 4 or another recipe.")
 
 
 def check_output_dir(out: str | Path) -> Path:

@@ -26,8 +26,8 @@ def _part(where: TensorLocation, rows=(), cols=(), logical_cols: int = 0) -> Ten
     """Rows and columns of `where` by (start, stop) ranges; columns in logical units (one weight),
     mapped to stored ones (packed words, quantization groups) by the stored width."""
     n_rows, n_cols = where.shape
-    unit = logical_cols // n_cols if cols else 1
-    stored_cols = tuple((a // unit, b // unit) for a, b in cols)
+    # Scaled, not divided by a unit: at 3 bits 32 weights fill 3 words, no whole number per word.
+    stored_cols = tuple((a * n_cols // logical_cols, b * n_cols // logical_cols) for a, b in cols)
     return TensorPart(
         where.file, where.offset, where.dtype,
         (sum(b - a for a, b in rows) if rows else n_rows, sum(b - a for a, b in stored_cols) if cols else n_cols),

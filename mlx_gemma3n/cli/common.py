@@ -63,7 +63,8 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, choices=[4, 8])
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=list(GROUP_SIZES))
     p.add_argument("--recipe", default="uniform", choices=list(RECIPES),
-                   help="uniform: every layer at --bits; mixed: the sensitive ones at 8 bits")
+                   help="uniform: every layer at --bits; mixed: the sensitive ones at 8 bits; "
+                        "compact (4-bit only): the KV-shared layers' MLP at 3 bits, the least accuracy per byte")
     p.add_argument("--ple-bits", type=int, choices=[4, 8], default=None,
                    help="also quantize the Per-Layer Embedding table (it is never resident; this cuts disk and I/O)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
