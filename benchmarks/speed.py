@@ -242,11 +242,17 @@ def main(argv=None) -> int:
     tokens = {}
     for runtime in args.runtimes.split(","):
         runs = []
-        env = dict(os.environ)
+        env, python = dict(os.environ), [sys.executable]
         if runtime == "before":
-            env["PYTHONPATH"] = os.pathsep.join([str(args.baseline), env.get("PYTHONPATH", "")])
+            # Without site's .pth files (-S) an installed (editable) mlx_gemma3n cannot take
+            # precedence over the older checkout; the site-packages are put back on the path.
+            import site
+
+            python.append("-S")
+            env["PYTHONPATH"] = os.pathsep.join([str(args.baseline.resolve()), str(Path(__file__).resolve().parent.parent),
+                                                 *site.getsitepackages(), env.get("PYTHONPATH", "")])
         for _ in range(args.runs):
-            child = [sys.executable, __file__, "--one", runtime] + [a for a in (argv or sys.argv[1:]) if a != "--primitives"]
+            child = python + [__file__, "--one", runtime] + [a for a in (argv or sys.argv[1:]) if a != "--primitives"]
             out = subprocess.run(child, capture_output=True, text=True, env=env)
             if out.returncode:  # e.g. a peer that cannot read this checkpoint: say so, go on with the others
                 print(f"{runtime} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
