@@ -171,10 +171,29 @@ def test_published_files_with_unused_shared_layer_kv_weights_load(tiny, ours, id
     assert worst(published(mx.array(ids)), ours(mx.array(ids))) == 0.0
 
 
-def test_bfloat16_is_the_default_and_stays_close(tiny, ids, reference_logits):
+def test_the_default_dtype_is_the_fast_one_of_the_device(tiny):
     model, _ = load_model(tiny[0])
+    expected = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    assert model.language_model.embed_tokens.weight.dtype == expected
+
+
+def test_bfloat16_stays_close(tiny, ids, reference_logits):
+    model, _ = load_model(tiny[0], dtype=mx.bfloat16)
     assert model.language_model.embed_tokens.weight.dtype == mx.bfloat16
     logits = np.array(model(mx.array(ids)).astype(mx.float32))
     assert np.isfinite(logits).all()
     # bf16 carries ~3 significant digits through 8 layers: loose, but catches a broken dtype path.
     assert np.mean(np.argmax(logits, -1) == np.argmax(reference_logits, -1)) > 0.8
+
+
+def test_a_prompt_chunk_that_only_fills_the_cache_leaves_the_cache_of_the_full_computation(ours, ids):
+    """The KV-shared layers run only for positions whose logits are needed: a chunk that fills
+    the cache stops after the last layer with a cache, and what follows is unchanged."""
+    chunk, rest = mx.array(ids[:, :20]), mx.array(ids[:, 20:24])
+    full, short = ours.make_cache(), ours.make_cache()
+    mx.eval(ours(chunk, cache=full))
+    assert ours(chunk, cache=short, fill_cache_only=True) is None
+    for a, b in zip(full, short):
+        assert a.offset == b.offset and all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state))
+    diff = worst(ours(rest, cache=full), ours(rest, cache=short))
+    assert diff == 0.0, f"worst |Δlogit| {diff:.2e}"
