@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["generate", "chat", "transcribe", "convert"]
+COMMANDS = ["generate", "chat", "transcribe", "convert", "matformer", "server"]
 
 
 def run(*args: str, timeout: float = 300, stdin: str = "") -> subprocess.CompletedProcess:

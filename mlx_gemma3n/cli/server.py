@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (0 picks a free one)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
     parser.add_argument("--submodel", default=None, help="serve a MatFormer size of an E4B checkpoint")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="compute dtype (default: auto, float32 on a CPU and bfloat16 on a GPU)")
     parser.add_argument("--max-tokens", type=int, default=2048, help="the most tokens one reply may have (and the default)")
     parser.add_argument("--max-body-mb", type=float, default=50.0, help="the largest request body accepted, in MB")
     parser.add_argument("--allow-http-media", action="store_true", help="fetch http(s) image URLs given in messages")
@@ -59,7 +60,6 @@ def sizes(config) -> tuple[str, ...]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    import mlx.core as mx
     import uvicorn
 
     from .. import load
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     try:
         if args.submodel:
             args.submodel = Submodel.preset(args.submodel).name  # an unknown name costs no wait
-        model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype))
+        model, tokenizer = load(args.model, dtype=args.dtype)
         plan_for(model.config, args.submodel)
     except (Gemma3nError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
