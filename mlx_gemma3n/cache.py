@@ -72,10 +72,24 @@ class _Buffers:
         return sum(a.nbytes for a in self.state)
 
 
-class KVCache(_Buffers):
-    """Every position of a full-attention layer."""
+class _EveryPosition:
+    """A full-attention layer's cache: it holds every position seen (`offset` of them), in
+    buffers grown `step` positions at a time, and can drop the last ones."""
 
-    step = 256  # positions the buffers grow by
+    step = 256
+
+    def mask(self, n: int):
+        return attention_mask(n)
+
+    def can_trim(self, n: int) -> bool:
+        return n <= self.offset
+
+    def trim(self, n: int) -> None:
+        self.offset -= n
+
+
+class KVCache(_EveryPosition, _Buffers):
+    """Every position of a full-attention layer."""
 
     def __init__(self):
         super().__init__()
@@ -87,15 +101,6 @@ class KVCache(_Buffers):
             self._reallocate(capacity, 0, self.offset, (keys, values))
         self.offset = self._write(self.offset, keys, values)
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-
-    def mask(self, n: int):
-        return attention_mask(n)
-
-    def can_trim(self, n: int) -> bool:
-        return n <= self.offset
-
-    def trim(self, n: int) -> None:
-        self.offset -= n
 
 
 class SlidingWindowCache(_Buffers):
@@ -166,12 +171,10 @@ class QuantizedKV:
                                    transpose=transpose, group_size=self.group_size, bits=self.bits)
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(_EveryPosition):
     """Every position of a full-attention layer, keys and values quantized (affine, `bits` wide,
     in groups of `group_size` along the head dimension): a chunk is quantized once, as it is
     written, and attention reads the quantized form (`attend`)."""
-
-    step = 256  # positions the buffers grow by
 
     def __init__(self, bits: int, group_size: int = KV_GROUP_SIZE):
         self.bits, self.group_size = bits, group_size
@@ -191,15 +194,6 @@ class QuantizedKVCache:
         held = [b[..., :end, :] for b in self.buffers]
         return (QuantizedKV(*held[:3], self.group_size, self.bits),
                 QuantizedKV(*held[3:], self.group_size, self.bits))
-
-    def mask(self, n: int):
-        return attention_mask(n)
-
-    def can_trim(self, n: int) -> bool:
-        return n <= self.offset
-
-    def trim(self, n: int) -> None:
-        self.offset -= n
 
     @property
     def state(self) -> list[mx.array]:
