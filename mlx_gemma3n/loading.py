@@ -104,7 +104,7 @@ def load_model(
     mx.eval(net.parameters())
     fuse_for_inference(net)
     net.embed_multimodal_ids()
-    mx.clear_cache()  # the buffers the fusion replaced: MLX would keep them for reuse
+    mx.clear_cache()  # the buffers the fusion replaced, which MLX would keep for reuse (fused, E2B 4-bit holds 16 MB more)
     # The towers are managed beside the network, which takes them as arguments.
     net.towers = Towers(TowerLoader(checkpoint, dtype))
     return net, checkpoint
