@@ -152,8 +152,7 @@ class Engine:
                 raise RuntimeError("This engine is closed.")
             self._waiting.append(job)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=f"mlx_gemma3n-engine-{next(self._ids)}", daemon=True)
-                self._thread.start()
+                self._start_thread()
             self._cond.notify_all()
         return Request(job)
 
@@ -178,6 +177,11 @@ class Engine:
             thread.join()
 
     # -- the engine's thread ---------------------------------------------------------
+
+    def _start_thread(self) -> None:
+        """(With the lock held.) Daemon: an engine never keeps a program from ending (see `_close_all`)."""
+        self._thread = threading.Thread(target=self._serve, name=f"mlx_gemma3n-engine-{next(self._ids)}", daemon=True)
+        self._thread.start()
 
     def _runnable(self) -> list[_Job]:
         while self._waiting and len(self._active) < self.max_active:
@@ -204,8 +208,7 @@ class Engine:
             with self._cond:
                 self._thread = None
                 if self._waiting or self._active:  # arrived while we were leaving
-                    self._thread = threading.Thread(target=self._serve, name=f"mlx_gemma3n-engine-{next(self._ids)}", daemon=True)
-                    self._thread.start()
+                    self._start_thread()
             # Before the thread ends: MLX keeps a thread's streams after it, and left to
             # interpreter exit they abort the process now and then.
             mx.synchronize()
