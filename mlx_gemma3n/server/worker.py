@@ -10,6 +10,8 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
 
+from starlette.concurrency import run_in_threadpool
+
 
 @dataclass
 class WorkerStats:
@@ -52,25 +54,10 @@ class ModelWorker:
             thread.join()
 
     async def call(self, fn: Callable, *args):
-        """`fn(*args)` run on a thread of its own, awaited."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def settle(outcome, error):
-            if not done.cancelled():
-                done.set_exception(error) if error is not None else done.set_result(outcome)
-
-        def job():
-            try:
-                outcome, error = fn(*args), None
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
-                outcome, error = None, e
-            loop.call_soon_threadsafe(settle, outcome, error)
-
+        """`fn(*args)` run off the event loop (Starlette's thread pool), awaited."""
         self._waiting += 1
         try:
-            self._start(job)
-            return await done
+            return await run_in_threadpool(fn, *args)
         finally:
             self._waiting -= 1
 
