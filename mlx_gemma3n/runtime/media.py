@@ -51,27 +51,26 @@ class Media:
 
         dims = model.config.text.hidden_size
         towers = model.towers
+
+        def encode(kind: str, run) -> mx.array:
+            start = time.perf_counter()
+            with towers.use(kind) as tower:
+                rows = run(tower).reshape(-1, dims)
+                mx.eval(rows)
+            self.seconds += time.perf_counter() - start
+            return rows
+
         for i, pixels in enumerate(attachments.pixels):
             yield Progress("image", i, len(attachments.pixels))
-            start = time.perf_counter()
-            with towers.use("vision") as tower:
-                rows = model.embed_image(mx.array(pixels), tower, between_blocks=between_blocks).reshape(-1, dims)
-                mx.eval(rows)
-            self.image_rows = rows if self.image_rows is None else mx.concatenate([self.image_rows, rows])
-            mx.eval(self.image_rows)
-            self.seconds += time.perf_counter() - start
+            rows = encode("vision", lambda tower: model.embed_image(mx.array(pixels), tower, between_blocks=between_blocks))
+            self.image_rows = _appended(self.image_rows, rows)
             yield Progress("image", i + 1, len(attachments.pixels))
         if attachments.features is not None:
             yield Progress("audio", 0, len(attachments.audio))
-            start = time.perf_counter()
             features, valid = attachments.features
-            with towers.use("audio") as tower:
-                rows = model.embed_audio_features(mx.array(features), mx.array(~valid), tower,
-                                                  between_blocks=between_blocks).reshape(-1, dims)
-                mx.eval(rows)
-            self.audio_rows = rows if self.audio_rows is None else mx.concatenate([self.audio_rows, rows])
-            mx.eval(self.audio_rows)
-            self.seconds += time.perf_counter() - start
+            rows = encode("audio", lambda tower: model.embed_audio_features(
+                mx.array(features), mx.array(~valid), tower, between_blocks=between_blocks))
+            self.audio_rows = _appended(self.audio_rows, rows)
             yield Progress("audio", len(attachments.audio), len(attachments.audio))
         if not towers.keep:
             mx.clear_cache()  # hand the released towers' memory back, not only to MLX's cache
@@ -89,3 +88,9 @@ class Media:
         if all(p is None for p in picked):
             return None
         return model.embed(mx.array([new]), *picked)[0]
+
+
+def _appended(held: mx.array | None, rows: mx.array) -> mx.array:
+    held = rows if held is None else mx.concatenate([held, rows])
+    mx.eval(held)
+    return held
