@@ -177,22 +177,20 @@ def reply(
     model,
     tokenizer,
     prompt_tokens: list[int],
+    cache: list,
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     sampling: SamplingOptions | None = None,
-    cache: list | None = None,
     input_embeddings: mx.array | Callable[[], mx.array | None] | None = None,
     prefill_step_size: int = PREFILL_STEP_SIZE,
     plan: Plan | None = None,
     media_seconds: Callable[[], float] = lambda: 0.0,
-    kv_bits: int | None = None,
 ) -> Iterator[Progress | GenerationResponse]:
     """A reply as an engine job: `Progress` while the prompt goes in, then one
     `GenerationResponse` per token; the last says why it stopped (its text is what the
-    detokenizer held back, its token may be an end-of-sequence id). `input_embeddings` may be a
-    function, called here, on the engine's thread."""
+    detokenizer held back, its token may be an end-of-sequence id). The tokens continue `cache`
+    (made for `plan`). `input_embeddings` may be a function, called here, on the engine's thread."""
     sampling = sampling or SamplingOptions()
-    cache = cache if cache is not None else model.make_cache(plan, kv_bits=kv_bits)
     if callable(input_embeddings):
         input_embeddings = input_embeddings()
     detokenizer = tokenizer.detokenizer
@@ -269,7 +267,7 @@ def stream_tokens(
     if input_embeddings is not None:
         mx.eval(input_embeddings)  # MLX runs a graph on the thread that built it: here, not on the engine's
     request = Engine.of(model).submit(lambda: reply(
-        model, tokenizer, prompt_tokens, max_tokens=max_tokens, sampling=sampling, cache=prompt_cache,
+        model, tokenizer, prompt_tokens, prompt_cache, max_tokens=max_tokens, sampling=sampling,
         input_embeddings=input_embeddings, prefill_step_size=prefill_step_size, plan=plan,
     ))
     progress = None
@@ -323,7 +321,7 @@ def stream_generate(
     def job():
         media = Media()
         yield from media.add(model, attachments)
-        yield from reply(model, tokenizer, tokens, max_tokens=max_tokens, sampling=sampling, plan=plan, cache=cache,
+        yield from reply(model, tokenizer, tokens, cache, max_tokens=max_tokens, sampling=sampling, plan=plan,
                          input_embeddings=lambda: media.embeddings(model, tokens, 0),
                          media_seconds=lambda: media.seconds)
 
