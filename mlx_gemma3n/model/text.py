@@ -84,15 +84,26 @@ def _stream_kernels(eps: float, streams: int, active: int, correct_scale: bool, 
     def router_input(x, norm_w):
         return mx.fast.rms_norm(x, norm_w, eps) * router_scale
 
-    def modalities(routed, dtype):
-        return mx.tanh(routed.astype(mx.float32)).astype(dtype)
+    # The AltUp coefficients are products over only n (4) terms: written out as n elementwise
+    # terms, in float32 like a matmul's accumulator and rounded where the reference's products
+    # round, they take one small kernel instead of a tanh and a matmul, and the streams' mix joins
+    # the kernel around it. (Compiled functions slice only their inputs: a slice of an
+    # intermediate would split a kernel.)
+    @mx.compile
+    def coefficients(routed, w):
+        """tanh(routed) @ w.T for (B, L, n) router outputs and (k, n) w, rounded as the reference rounds."""
+        def modality(j):  # rounded to the streams' dtype, as the reference's
+            return mx.tanh(routed[..., j : j + 1].astype(mx.float32)).astype(routed.dtype).astype(mx.float32)
+
+        return sum(modality(j) * w[:, j].astype(mx.float32) for j in range(streams)).astype(routed.dtype)
 
     @mx.compile
-    def predict(routed, prediction_w, streams_, input_norm_w):
+    def predict(coefs, streams_, input_norm_w):
         """Stream i becomes itself plus sum_j P[i, j] * stream j; returns them, the active one and its norm."""
-        coefs = modalities(routed, streams_.dtype) @ prediction_w.T
-        coefs = coefs.reshape(*coefs.shape[:-1], streams, streams)  # (B, L, n, n)
-        predictions = streams_ + coefs @ streams_
+        coefs = coefs.reshape(*coefs.shape[:-1], streams, streams)  # P[i, j]
+        mixed = sum(coefs[..., :, j : j + 1].astype(mx.float32) * streams_[..., j : j + 1, :].astype(mx.float32)
+                    for j in range(streams))
+        predictions = mixed.astype(streams_.dtype) + streams_
         active_ = predictions[..., active, :]
         return predictions, active_, mx.fast.rms_norm(active_, input_norm_w, eps)
 
@@ -109,11 +120,11 @@ def _stream_kernels(eps: float, streams: int, active: int, correct_scale: bool, 
         return h, router_input(h, router_norm_w)
 
     @mx.compile
-    def correct(routed, correction_w, predictions, activated, output_scale):
+    def correct(coefs, predictions, activated, output_scale):
         """Every stream corrected by the layer's innovation; and the active one, scaled, for the per-layer input."""
-        coefs = modalities(routed, activated.dtype) @ correction_w.T + 1.0  # (B, L, n)
-        innovation = activated - predictions[..., active, :]
-        corrected = predictions + innovation[..., None, :] * coefs[..., None]
+        coefs = coefs[..., None] + 1.0  # (B, L, n, 1)
+        innovation = activated[..., None, :] - predictions[..., active : active + 1, :]  # (B, L, 1, D)
+        corrected = predictions + innovation * coefs
         first = corrected[..., active, :]
         if correct_scale:
             first = (first.astype(output_scale.dtype) * output_scale).astype(first.dtype)
@@ -141,7 +152,7 @@ def _stream_kernels(eps: float, streams: int, active: int, correct_scale: bool, 
         return mx.fast.rms_norm(mx.mean(everything, axis=-2), norm_w, eps)
 
     return SimpleNamespace(
-        router_input=mx.compile(router_input), predict=predict, residual=residual, after_ffn=after_ffn,
+        router_input=mx.compile(router_input), coefficients=coefficients, predict=predict, residual=residual, after_ffn=after_ffn,
         correct=correct, gate_per_layer_input=gate_per_layer_input, add_per_layer_input=add_per_layer_input,
         spread=spread, merge=merge,
     )
@@ -306,7 +317,8 @@ class DecoderLayer(nn.Module):
         """streams (B, L, n, D) -> the same after this layer, and the keys and values it attended over."""
         k, altup = self.kernels, self.altup
         routed = altup.modality_router(k.router_input(streams[..., self.active, :], altup.router_norm.weight))
-        predictions, active, x = k.predict(routed, altup.prediction_coefs.weight, streams, self.input_layernorm.weight)
+        coefs = k.coefficients(routed, altup.prediction_coefs.weight)
+        predictions, active, x = k.predict(coefs, streams, self.input_layernorm.weight)
 
         *attention_inputs, laurel = self.project_input(x)
         attn, kv = self.self_attn(attention_inputs, mask, offset, cache, shared_kv)
@@ -319,7 +331,7 @@ class DecoderLayer(nn.Module):
         )
 
         corrected, first = k.correct(
-            altup.modality_router(router_input), altup.correction_coefs.weight, predictions, h,
+            k.coefficients(altup.modality_router(router_input), altup.correction_coefs.weight), predictions, h,
             altup.correct_output_scale,
         )
         gated = k.gate_per_layer_input(self.per_layer_input_gate(first), per_layer_input)
