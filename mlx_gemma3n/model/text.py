@@ -214,6 +214,8 @@ class MLP(nn.Module):
         # The cut-off sits `std_multiplier` standard deviations above the mean, so that a
         # gaussian gate keeps the top (1 - sparsity) of its values.
         self.std_multiplier = NormalDist().inv_cdf(sparsity) if sparsity > 0 else None
+        # gate_proj and up_proj merged into one product (`fuse_for_inference`); a plain attribute.
+        object.__setattr__(self, "_gate_up", None)
 
     def __call__(self, x: mx.array, width: int | None = None) -> mx.array:
         """`width` runs only that prefix of the feed-forward (a MatFormer sub-model)."""
@@ -225,7 +227,10 @@ class MLP(nn.Module):
                 # more memory), so that this prefix needs no copy on every call.
                 self.down_proj = down_proj = SplitColumns.split(down_proj, width)
             down_proj = prefix_columns(down_proj, width)
-        return down_proj(_geglu(self.std_multiplier)(gate_proj(x), up_proj(x)))
+            gate, up = gate_proj(x), up_proj(x)
+        else:
+            gate, up = self._gate_up(x) if self._gate_up is not None else (gate_proj(x), up_proj(x))
+        return down_proj(_geglu(self.std_multiplier)(gate, up))
 
 
 class Attention(nn.Module):
@@ -467,11 +472,13 @@ def _per_layer_kernel(layers: int, dims: int, hidden: int, eps: float):
 def fuse_for_inference(model: nn.Module) -> None:
     """Merge the products that read the same input into one matrix each, after the weights have
     loaded (the checkpoint's names stay): per layer, queries, keys, values and Laurel's left side
-    of the normed active stream; the three AltUp projections of the embeddings. The original
+    of the normed active stream, and the feed-forward's gate and up projections; the three AltUp
+    projections of the embeddings. The original
     layers keep views of the merged weights (no second copy), so the plain path still runs."""
     text = getattr(model, "language_model", model)
     for layer in text.layers:
         object.__setattr__(layer, "_input_products", SharedInputProducts(layer.input_projections()))
+        object.__setattr__(layer.mlp, "_gate_up", SharedInputProducts([layer.mlp.gate_proj, layer.mlp.up_proj]))
     streams = SharedInputProducts(text.altup_projections)
     object.__setattr__(text, "_stream_products", streams)
 
