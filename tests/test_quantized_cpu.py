@@ -114,6 +114,23 @@ def test_bfloat16_in_gives_the_float32_product_rounded_to_bfloat16(rows):
     assert relative_error(y, x.astype(mx.float32) @ w.T) <= 2**-8
 
 
+def test_a_large_product_casts_its_16_bit_scales_a_block_of_rows_at_a_time(monkeypatch):
+    ours, _ = layer_pair(512, 16384, 4, 64)
+    ours.set_dtype(mx.bfloat16)
+    x = mx.random.normal((1, 512)).astype(mx.bfloat16)
+    whole = quantized_matmul(x, ours)  # the float32 scales and biases: 1 MB, under CAST_BYTES
+    mx.eval(x, whole)
+    monkeypatch.setattr(quantized, "CAST_BYTES", 2048 * 8 * 8)  # blocks of 2048 rows (8 groups each)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    blocked = quantized_matmul(x, ours)
+    mx.eval(blocked)
+    assert mx.array_equal(blocked, whole)
+    whole_cast = 2 * 16384 * 8 * 4
+    assert mx.get_peak_memory() - before < whole_cast / 2
+
+
 def test_the_row_count_picks_the_path(tmp_path, calls):
     ours, _ = layer_pair(256, 64, 4, 64)
     few, many = mx.random.normal((1, FEW, 256)), mx.random.normal((2, MANY // 2 + 1, 256))

@@ -22,6 +22,8 @@ DEQUANTIZE_FROM_ROWS = 4
 # Weights dequantized at a time: 4 MB of float32 stay in cache for the GEMM that follows. A whole
 # 8192x2048 matrix at once took up to 2x as long at few rows; smaller blocks only add primitives.
 BLOCK_WEIGHTS = 1 << 20
+# Float32 copies of 16-bit scales and biases made at a time by MLX's kernel path.
+CAST_BYTES = 4 << 20
 
 
 def dequantizes(x: mx.array) -> bool:
@@ -39,11 +41,23 @@ def quantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
 
 
 def kernel_product_f32(x: mx.array, layer: nn.Module) -> mx.array:
-    """MLX's quantized kernel, in float32."""
-    y = mx.quantized_matmul(x.astype(mx.float32), layer["weight"], layer["scales"].astype(mx.float32),
-                            layer["biases"].astype(mx.float32), transpose=True, group_size=layer.group_size,
-                            bits=layer.bits)
-    return y.astype(x.dtype)
+    """MLX's quantized kernel, in float32. Scales and biases stored in 16 bits are cast for the
+    product; where their float32 copies would pass `CAST_BYTES` (the tied output head: E4B's
+    262400 rows, 42 MB for each decoded token) the product runs in blocks of rows, each evaluated
+    before the next is cast."""
+    w, scales, biases = layer["weight"], layer["scales"], layer["biases"]
+    x32 = x.astype(mx.float32)
+    cast_bytes_per_row = 0 if scales.dtype == mx.float32 else 8 * scales.shape[-1]
+    step = max(1, CAST_BYTES // cast_bytes_per_row) if cast_bytes_per_row else w.shape[0]
+    parts = []
+    for i in range(0, w.shape[0], step):
+        rows = slice(i, i + step) if step < w.shape[0] else slice(None)
+        part = mx.quantized_matmul(x32, w[rows], scales[rows].astype(mx.float32), biases[rows].astype(mx.float32),
+                                   transpose=True, group_size=layer.group_size, bits=layer.bits)
+        if step < w.shape[0]:
+            mx.eval(part)  # see `dequantized_product`: left to the graph, every block is cast at once
+        parts.append(part)
+    return (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)).astype(x.dtype)
 
 
 def dequantized_product(x: mx.array, layer: nn.Module) -> mx.array:
