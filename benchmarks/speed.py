@@ -47,10 +47,8 @@ def load(runtime: str, path: str, dtype):
     """(model, decode steps: (prompt ids, max tokens) -> iterator of token ids, make_cache)."""
     if runtime == "mlx_gemma3n":
         from mlx_gemma3n.loading import load_model
-        from mlx_gemma3n.model.text import fuse_for_inference
 
-        model = load_model(path, dtype=dtype)[0]
-        fuse_for_inference(model)
+        model = load_model(path, dtype=dtype)[0]  # merged for inference, as `load()` gives it
     elif runtime == "mlx-lm":
         from mlx_lm.utils import load_model
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .model.gemma3n import Gemma3n
+from .heap import release_freed_memory
 from .model.text import fuse_for_inference
 from .ple import DEFAULT_CACHE_BYTES, PerLayerEmbeddings
 from .quantize import apply_quantization
@@ -49,6 +50,7 @@ class TowerLoader:
             raise CheckpointError(f"{checkpoint.path} has no {kind} tower weights: this checkpoint is text-only.")
         _load_part(tower, module.sanitize(weights), f"{kind} tower", checkpoint, self.dtype)
         mx.eval(tower.parameters())
+        release_freed_memory()
         return tower
 
 
@@ -102,9 +104,11 @@ def load_model(
         weights = checkpoint.read(f"{part}.", skip=skip if part == "language_model" else ())
         _load_part(getattr(net, part), weights, part.replace("_", " "), checkpoint, dtype)
     mx.eval(net.parameters())
-    fuse_for_inference(net)
+    # The buffers each merge replaces go back at once: left to the end, they add up (E2B 4-bit:
+    # 1.55 GB resident after loading instead of 1.42).
+    fuse_for_inference(net, after_each_layer=release_freed_memory)
     net.embed_multimodal_ids()
-    mx.clear_cache()  # the buffers the fusion replaced, which MLX would keep for reuse (fused, E2B 4-bit holds 16 MB more)
+    release_freed_memory()
     # The towers are managed beside the network, which takes them as arguments.
     net.towers = Towers(TowerLoader(checkpoint, dtype))
     return net, checkpoint

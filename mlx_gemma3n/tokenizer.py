@@ -4,7 +4,6 @@ Everything here behaves as transformers 5's GemmaTokenizer does on the same file
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import sys
@@ -17,6 +16,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
 
 from .errors import CheckpointError, InputError
+from .heap import release_freed_memory
 
 # transformers' named special tokens, and the values GemmaTokenizer gives those a config leaves out.
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -62,7 +62,7 @@ class Tokenizer:
         special_tokens, extra_tokens = _special_tokens(config)
         _mark_special(backend, [t for t in special_tokens.values() if t is not None] + extra_tokens)
         tokenizer = cls(backend, special_tokens, _chat_template(path, config), eos_token_ids)
-        _release_freed_heap()
+        release_freed_memory()
         if tokenizer.eos_token_id is not None:
             tokenizer.eos_token_ids.add(tokenizer.eos_token_id)
         return tokenizer
@@ -332,19 +332,6 @@ def _mark_special(backend: RustTokenizer, tokens: list[str]) -> None:
     unmarked = [t for t in dict.fromkeys(tokens) if t not in special and backend.token_to_id(t) is not None]
     if unmarked:
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in unmarked])
-
-
-def _release_freed_heap() -> None:
-    """Hand the heap memory freed after reading tokenizer.json back to the system. glibc keeps it
-    resident (about 180 MiB after a 33 MB file, twice what the tokenizer itself holds) until
-    malloc_trim; elsewhere there is no malloc_trim to call, and nothing is done."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # a C library without it
-        return
-    malloc_trim(0)
 
 
 def _chat_template(path: Path, config: dict) -> str | None:

@@ -7,6 +7,7 @@ Semantics follow transformers' `Gemma3nTextModel`; parameter names follow its ch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from statistics import NormalDist
 from types import SimpleNamespace
@@ -469,16 +470,18 @@ def _per_layer_kernel(layers: int, dims: int, hidden: int, eps: float):
 # ----------------------------------------------------------------------------- merged products
 
 
-def fuse_for_inference(model: nn.Module) -> None:
+def fuse_for_inference(model: nn.Module, after_each_layer: Callable[[], None] = lambda: None) -> None:
     """Merge the products that read the same input into one matrix each, after the weights have
     loaded (the checkpoint's names stay): per layer, queries, keys, values and Laurel's left side
     of the normed active stream, and the feed-forward's gate and up projections; the three AltUp
-    projections of the embeddings. The original
-    layers keep views of the merged weights (no second copy), so the plain path still runs."""
+    projections of the embeddings. The original layers keep views of the merged weights (no
+    second copy), so the plain path still runs. `after_each_layer` may hand back the memory the
+    merge replaced before the next layer's is made."""
     text = getattr(model, "language_model", model)
     for layer in text.layers:
         object.__setattr__(layer, "_input_products", SharedInputProducts(layer.input_projections()))
         object.__setattr__(layer.mlp, "_gate_up", SharedInputProducts([layer.mlp.gate_proj, layer.mlp.up_proj]))
+        after_each_layer()
     streams = SharedInputProducts(text.altup_projections)
     object.__setattr__(text, "_stream_products", streams)
 
