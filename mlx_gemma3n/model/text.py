@@ -153,9 +153,9 @@ def _stream_kernels(eps: float, streams: int, active: int, correct_scale: bool, 
         return mx.fast.rms_norm(mx.mean(everything, axis=-2), norm_w, eps)
 
     return SimpleNamespace(
-        router_input=mx.compile(router_input), coefficients=coefficients, predict=predict, residual=residual, after_ffn=after_ffn,
-        correct=correct, gate_per_layer_input=gate_per_layer_input, add_per_layer_input=add_per_layer_input,
-        spread=spread, merge=merge,
+        router_input=mx.compile(router_input), coefficients=coefficients, predict=predict, residual=residual,
+        after_ffn=after_ffn, correct=correct, gate_per_layer_input=gate_per_layer_input,
+        add_per_layer_input=add_per_layer_input, spread=spread, merge=merge,
     )
 
 
@@ -336,10 +336,8 @@ class DecoderLayer(nn.Module):
             h, self.mlp(ffn_input, ffn_width), self.post_feedforward_layernorm.weight, altup.router_norm.weight
         )
 
-        corrected, first = k.correct(
-            k.coefficients(altup.modality_router(router_input), altup.correction_coefs.weight), predictions, h,
-            altup.correct_output_scale,
-        )
+        coefs = k.coefficients(altup.modality_router(router_input), altup.correction_coefs.weight)
+        corrected, first = k.correct(coefs, predictions, h, altup.correct_output_scale)
         gated = k.gate_per_layer_input(self.per_layer_input_gate(first), per_layer_input)
         return k.add_per_layer_input(corrected, self.per_layer_projection(gated), self.post_per_layer_input_norm.weight), kv
 
