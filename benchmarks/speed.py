@@ -70,8 +70,9 @@ def load(runtime: str, path: str, dtype):
 
 def ours(runtime: str, path: str, dtype):
     """Ours as a program uses it: `load()` and `stream_tokens` through the engine and our loop.
-    "mlx_gemma3n@256" sets the prefill step; "before" is the package found first on PYTHONPATH
-    (an older checkout, to compare against)."""
+    "mlx_gemma3n@256" sets the prefill step, "mlx_gemma3n+resident-ple" loads the Per-Layer
+    Embedding table into memory (no host sync per token); "before" is the package found first on
+    PYTHONPATH (an older checkout, to compare against)."""
     import mlx_gemma3n
     from mlx_gemma3n import load as load_ours
 
@@ -79,8 +80,10 @@ def ours(runtime: str, path: str, dtype):
         from mlx_gemma3n.runtime.generation import SamplingOptions, stream_tokens
     else:  # a checkout from before the runtime package
         from mlx_gemma3n.generate import SamplingOptions, stream_tokens
-    model, tokenizer = load_ours(path, dtype=dtype)
-    options = {"prefill_step_size": int(runtime.split("@")[1])} if "@" in runtime else {}
+    resident = {"lazy_ple": False} if "+resident-ple" in runtime else {}
+    model, tokenizer = load_ours(path, dtype=dtype, **resident)
+    step = re.search(r"@(\d+)", runtime)
+    options = {"prefill_step_size": int(step.group(1))} if step else {}
     greedy = SamplingOptions(temperature=0.0)
     return model, lambda ids, n: (r.token for r in stream_tokens(model, tokenizer, ids, max_tokens=n, sampling=greedy,
                                                                   **options))
@@ -88,11 +91,12 @@ def ours(runtime: str, path: str, dtype):
 
 def weight_bytes(model) -> int:
     """Bytes a decoded token reads: the decoder's resident weights (the tied head reads the whole
-    embedding table; the Per-Layer Embedding rows come from disk and are not counted)."""
+    embedding table; of the Per-Layer Embedding table, on disk or resident, a token reads one row:
+    not counted)."""
     from mlx.utils import tree_flatten
 
     text = getattr(model, "language_model", model)
-    return sum(v.nbytes for _, v in tree_flatten(text.parameters()))
+    return sum(v.nbytes for k, v in tree_flatten(text.parameters()) if "embed_tokens_per_layer" not in k)
 
 
 def bandwidth() -> float:
@@ -222,8 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="processes per runtime")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--runtimes", default=",".join(RUNTIMES),
-                        help="comma-separated: " + ", ".join(RUNTIMES) + "; mlx_gemma3n@STEP sets our prefill step; "
-                             "before is the package in --baseline")
+                        help="comma-separated: " + ", ".join(RUNTIMES) + "; mlx_gemma3n@STEP sets our prefill step, "
+                             "mlx_gemma3n+resident-ple keeps the PLE table in memory; before is the package in --baseline")
     parser.add_argument("--baseline", type=Path, help="a folder holding an older mlx_gemma3n, run as 'before'")
     parser.add_argument("--warmup", action="store_true", help="one short generation before the timed one")
     parser.add_argument("--primitives", action="store_true", help="print primitives per decoded token and exit")

@@ -148,6 +148,16 @@ def test_generate_entry_point_attaches_an_image_and_names_a_bad_one(tiny, tmp_pa
     assert "error:" in err and "notes.txt" in err and "Traceback" not in err
 
 
+def test_generate_entry_point_replies_alike_with_the_table_resident(tiny, capsys):
+    from mlx_gemma3n.cli.generate import main
+
+    common = ["--model", str(tiny[0]), "--prompt", "hello there", "--max-tokens", "6", "--temp", "0"]
+    assert main(common) == 0
+    lazy = capsys.readouterr().out
+    assert main(common + ["--resident-ple"]) == 0
+    assert capsys.readouterr().out == lazy and lazy.strip()
+
+
 @pytest.fixture(scope="module")
 def chatty(tiny, tmp_path_factory):
     """The tiny checkpoint with <pad> as its only end-of-sequence id: its replies run on until

@@ -84,6 +84,20 @@ def test_lazy_ple_is_the_default_and_holds_no_parameters(tiny):
     assert not any("embed_tokens_per_layer" in k for k in names)
 
 
+def test_a_resident_table_lets_the_next_step_be_built_before_the_token_is_known(tiny, tmp_path):
+    """The lazy table must read the sampled token on the host before the next step's graph can
+    exist; the resident one (`lazy_ple=False`, the CLI's --resident-ple) gathers on the device, so
+    the next graph reaches back through the unevaluated sampling."""
+    for lazy_ple in (True, False):
+        model, _ = load_model(tiny[0], dtype=mx.float32, lazy_ple=lazy_ple)
+        cache = model.make_cache()
+        token = mx.argmax(model(mx.array([[2, 105, 9, 17]]), cache=cache)[:, -1:], axis=-1)
+        following = model(token, cache=cache)
+        dot = tmp_path / "step.dot"
+        mx.export_to_dot(str(dot), following)
+        assert ('label ="ArgReduce"' in dot.read_text()) == (not lazy_ple)  # the sampling's argmax
+
+
 def test_hot_rows_come_from_the_cache_and_the_cache_stays_bounded(tiny):
     model, checkpoint = load_model(tiny[0])
     text = checkpoint.config.text

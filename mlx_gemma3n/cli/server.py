@@ -5,26 +5,22 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+from .common import add_model_args
+from .common import parser as cli_parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mlx_gemma3n.server",
-                                     description="Serve Gemma 3n through the OpenAI HTTP API.")
-    parser.add_argument("--model", required=True, help="checkpoint directory or Hugging Face repo id")
+def build_parser():
+    parser = cli_parser("python -m mlx_gemma3n.server", "Serve Gemma 3n through the OpenAI HTTP API.")
+    add_model_args(parser)
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: this machine only; 0.0.0.0 opens it to the network)")
+                        help="address to listen on: this machine only, unless 0.0.0.0 opens it to the network")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (0 picks a free one)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
-    parser.add_argument("--submodel", default=None, help="serve a MatFormer size of an E4B checkpoint")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="compute dtype (default: auto, float32 on a CPU and bfloat16 on a GPU)")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="the most tokens one reply may have (and the default)")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="the most tokens one reply may have, and the length of a reply that names none")
     parser.add_argument("--max-body-mb", type=float, default=50.0, help="the largest request body accepted, in MB")
     parser.add_argument("--allow-http-media", action="store_true", help="fetch http(s) image URLs given in messages")
     parser.add_argument("--allow-local-files", action="store_true",
@@ -72,7 +68,8 @@ def main(argv=None) -> int:
     try:
         if args.submodel:
             args.submodel = Submodel.preset(args.submodel).name  # an unknown name costs no wait
-        model, tokenizer = load(args.model, dtype=args.dtype)
+        model, tokenizer = load(args.model, dtype=args.dtype, keep_towers=not args.release_towers,
+                                lazy_ple=not args.resident_ple)
         plan_for(model.config, args.submodel)
     except (Gemma3nError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
