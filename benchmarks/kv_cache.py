@@ -21,7 +21,6 @@ which way attention over it is faster on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,16 +30,16 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import make_checkpoint  # noqa: E402
 
 from mlx_gemma3n.cache import (  # noqa: E402
     KVCache, QuantizedKVCache, SlidingWindowCache, attend, attend_dequantized, attend_quantized,
 )
-from mlx_gemma3n.config import TextConfig  # noqa: E402
+from mlx_gemma3n.config import ModelConfig  # noqa: E402
 from mlx_gemma3n.loading import load_model  # noqa: E402
 from mlx_gemma3n.plan import Plan  # noqa: E402
 
-E2B_SHAPES = Path("/work/shared/reference/shapes-E2B.json")
 E2B_WEIGHTS_GB = 1.30  # 4-bit weights kept in memory (the PLE table stays on disk)
 MID_LAYERS = 10
 MID = dict(
@@ -113,7 +112,9 @@ def compare(model, seed: int) -> None:
 
 
 def memory(context: int) -> None:
-    config = TextConfig.from_dict(json.loads(E2B_SHAPES.read_text())["config"]["text_config"])
+    from random_checkpoint import hf_config
+
+    config = ModelConfig.from_dict(hf_config("E2B").to_dict()).text
     kinds = Plan.full(config).cache_kinds
     full, sliding = kinds.count("full_attention"), kinds.count("sliding_attention")
     values_per_token = 2 * config.num_key_value_heads * config.head_dim  # keys and values, one layer

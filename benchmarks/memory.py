@@ -3,6 +3,7 @@ of audio) and under mlx-vlm loading mlx-vlm's own conversion of the same weights
 
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 512 --gen-tokens 128 --warmup   # on a GPU
     python benchmarks/memory.py --ckpt-root DIR --prompt-tokens 8 --gen-tokens 4                # on a CPU
+    python benchmarks/memory.py --sizes E2B --recipes compact --skip-bf16 --skip-media --kv-bits 8 --context 32768
     python benchmarks/memory.py --kl --ckpt-root DIR --kl-branch-gain 0.1 0.3 0.5  # the KL table of the recipes
     python benchmarks/memory.py --kl --kl-set mlp --ckpt-root DIR  # parts of the MLP at 3 bits (compact)
 
@@ -87,20 +88,25 @@ def child(args) -> dict:
             pixels = mx.array(rng.random((1, 768, 768, 3), dtype=np.float32))
             frames = 3000  # 30 s of log-mel at a 10 ms hop
             features = mx.array(rng.standard_normal((1, frames, 128), dtype=np.float32))
-            image = model.embed_image(pixels)
-            mx.eval(image)  # one tower at a time, as generate.Media does
-            audio = model.embed_audio_features(features, mx.zeros((1, frames), dtype=mx.bool_))
-            mx.eval(audio)
+            with model.towers.use("vision") as tower:
+                image = model.embed_image(pixels, tower)
+                mx.eval(image)  # one tower at a time, as the runtime's Media does
+            with model.towers.use("audio") as tower:
+                audio = model.embed_audio_features(features, mx.zeros((1, frames), dtype=mx.bool_), tower)
+                mx.eval(audio)
             if args.release_towers:
-                mx.clear_cache()  # as generate.Media does
+                mx.clear_cache()  # as the runtime's Media does
             ids = ([2] + prompt[: len(prompt) // 2] + [c.boi_token_id] + [c.image_token_id] * image.shape[1]
                    + [c.eoi_token_id, c.boa_token_id] + [c.audio_token_id] * audio.shape[1] + [c.eoa_token_id]
                    + prompt[len(prompt) // 2 :])
             embeddings = model.embed(mx.array([ids]), image, audio)[0]
             prompt = ids
         tokens, first = [], None
+        cache = model.make_cache(kv_bits=args.kv_bits)
+        if args.context:
+            fill_as_if_read(cache, args.context - len(prompt) - args.gen_tokens - 1, args.context, config.text,
+                            args.prefill_step_size or PREFILL_STEP_SIZE)
         t0 = time.perf_counter()
-        cache = model.make_cache()
         for r in stream_tokens(model, tokenizer, prompt, max_tokens=args.gen_tokens, prompt_cache=cache,
                                sampling=SamplingOptions(temperature=0.0), input_embeddings=embeddings,
                                prefill_step_size=args.prefill_step_size or PREFILL_STEP_SIZE):
@@ -137,6 +143,25 @@ def child(args) -> dict:
         "rss_after_load_gb": round(rss_loaded, 3), "kv_cache_mb": None if kv is None else round(kv / 1e6, 2),
         "torch": sys.modules.get("torch") is not None, "transformers": "transformers" in sys.modules,
     }
+
+
+def fill_as_if_read(cache: list, positions: int, context: int, text_config, chunk: int) -> None:
+    """Fill every cache with `positions` of random keys and values, `chunk` at a time as the
+    prompt's steps would, in the cache's own format (quantized caches quantize them), room made
+    for `context` positions in all as a prompt and reply of that length would: the memory a
+    prompt of that length leaves behind. A CPU cannot prefill E2B over 32k tokens in reasonable time."""
+    import mlx.core as mx
+
+    from mlx_gemma3n.cache import reserve
+
+    shape = (1, text_config.num_key_value_heads, chunk, text_config.head_dim)
+    reserve(cache, context)
+    for done in range(0, positions, chunk):
+        n = min(chunk, positions - done)
+        keys = mx.random.normal(shape).astype(mx.bfloat16)[:, :, :n]
+        for c in cache:
+            c.update_and_fetch(keys, keys)
+        mx.eval([c.state for c in cache])
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -344,6 +369,8 @@ def _child_command(args, model: Path, impl: str, inputs: str, gen_tokens: int) -
     return [sys.executable, __file__, "--child", "--model", str(model), "--impl", impl,
             "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(gen_tokens),
             *(["--prefill-step-size", str(args.prefill_step_size)] if args.prefill_step_size else []),
+            *(["--kv-bits", str(args.kv_bits)] if args.kv_bits else []),
+            *(["--context", str(args.context)] if args.context else []),
             *(["--media"] if inputs.startswith("media") else []),
             *(["--release-towers"] if inputs == "media-release" else []),
             *(["--hide-torch"] if args.hide_torch else [])]
@@ -360,6 +387,10 @@ def main(argv=None) -> int:
                    help="recipes of our 4-bit conversions (each measured)")
     p.add_argument("--repeat", type=int, default=1, help="processes per configuration (median and spread printed)")
     p.add_argument("--prefill-step-size", type=int, help="prompt tokens per forward pass (default: mlx_gemma3n's)")
+    p.add_argument("--kv-bits", type=int, choices=[8, 4], help="quantize the full-attention layers' KV cache")
+    p.add_argument("--context", type=int,
+                   help="first fill the KV cache with random keys and values up to CONTEXT positions in all "
+                        "(prompt and reply included), as a long earlier prompt would: memory at long contexts")
     p.add_argument("--tokenizer", choices=["real", "small"], default="real",
                    help="Gemma's real-sized tokenizer (default) or the tests' small one")
     p.add_argument("--skip-peer", action="store_true")
@@ -392,6 +423,9 @@ def main(argv=None) -> int:
             kl_table(args.ckpt_root, args.kl_prompts, args.kl_tokens, gain, args.kl_set)
         return 0
 
+    if (args.context or args.kv_bits) and not args.skip_peer:
+        print("mlx-vlm is left out: --context and --kv-bits apply to ours only")
+        args.skip_peer = True
     paths = prepare(args.ckpt_root, args.sizes, want_vlm=not args.skip_peer, group_size=args.group_size,
                     tokenizer=args.tokenizer, recipes=args.recipes)
     runs = []
@@ -411,7 +445,10 @@ def main(argv=None) -> int:
             runs.append(("  same, towers released after use", paths["E2B-4bit"], "ours", "media-release"))
     from mlx_gemma3n.config import load_config
 
-    print(f"prompt {args.prompt_tokens} tokens + {args.gen_tokens} generated; {args.tokenizer} tokenizer; PyTorch "
+    if args.context:
+        print(f"KV cache first filled to {args.context - args.prompt_tokens - args.gen_tokens - 1} positions")
+    print(f"prompt {args.prompt_tokens} tokens + {args.gen_tokens} generated; KV cache "
+          f"{f'{args.kv_bits}-bit' if args.kv_bits else 'bf16'}; {args.tokenizer} tokenizer; PyTorch "
           f"{'hidden' if args.hide_torch else 'as installed'}; {os.cpu_count()} CPUs")
     for size in args.sizes:
         kv = kv_bytes_per_token(load_config(paths[size]))

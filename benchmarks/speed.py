@@ -5,6 +5,7 @@ processes with the min-max spread; and the graph primitives one decoded token ev
     python benchmarks/random_checkpoint.py --size E2B --out /tmp/gemma3n-E2B-random
     python benchmarks/speed.py --model /tmp/gemma3n-E2B-random --warmup
     python benchmarks/speed.py --model /tmp/gemma3n-E2B-random --primitives   # also an E2B-shaped 4-bit model
+    python benchmarks/speed.py --model E2B-vlm-4bit --model-for mlx-lm=E2B-lm-4bit   # each peer's 4-bit conversion
 
 Ours runs as a program uses it (`load()`, `stream_tokens` through the engine and our loop;
 `mlx_gemma3n@STEP` sets the prefill step, `before` runs an older checkout given by `--baseline`),
@@ -221,6 +222,9 @@ def print_primitives(path: str | None, dtype) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a Gemma 3n checkpoint directory (HF layout)")
+    parser.add_argument("--model-for", action="append", default=[], metavar="RUNTIME=DIR",
+                        help="another checkpoint for one runtime, e.g. mlx-lm=DIR: mlx-lm reads its own conversion "
+                             "of the same weights, not mlx-vlm's")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3, help="processes per runtime")
@@ -241,7 +245,8 @@ def main(argv=None) -> int:
         parser.error("--model is required")
     prompt = np.random.default_rng(0).integers(3, 256_000, size=args.prompt_tokens).tolist()
     if args.one:
-        print(json.dumps(measure(args.one, args.model, dtype, prompt, args.gen_tokens, args.warmup)))
+        path = dict(pair.split("=", 1) for pair in args.model_for).get(args.one, args.model)
+        print(json.dumps(measure(args.one, path, dtype, prompt, args.gen_tokens, args.warmup)))
         return 0
 
     import os
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
     speed = bandwidth()
     print(f"device {mx.default_device()} ({speed / 1e9:.0f} GB/s measured), dtype {args.dtype}, prompt "
           f"{args.prompt_tokens} tokens, {args.gen_tokens} generated, median [min-max] of {args.runs} processes")
-    print(f"{'runtime':<18} {'decode tok/s':>22} {'prefill tok/s':>24} {'TTFT s':>20} {'peak GB':>18} {'% of floor':>10}")
+    print(f"{'runtime':<26} {'decode tok/s':>22} {'prefill tok/s':>24} {'TTFT s':>20} {'peak GB':>18} {'% of floor':>10}")
     tokens = {}
     for runtime in args.runtimes.split(","):
         runs = []
@@ -279,7 +284,7 @@ def main(argv=None) -> int:
 
         # The weight-streaming floor: a token cannot be faster than reading the weights once.
         floor = 100 * statistics.median(r["decode_tps"] for r in runs) * runs[0]["weight_bytes"] / speed
-        print(f"{runtime:<18} {cell('decode_tps'):>22} {cell('prefill_tps'):>24} {cell('ttft_s', '{:.3f}'):>20} "
+        print(f"{runtime:<26} {cell('decode_tps'):>22} {cell('prefill_tps'):>24} {cell('ttft_s', '{:.3f}'):>20} "
               f"{cell('peak_gb'):>18} {floor:>9.1f}%", flush=True)
     mine = next((t for r, t in tokens.items() if r.startswith("mlx_gemma3n")), None)
     for runtime, theirs in tokens.items():

@@ -81,6 +81,32 @@ def test_decoding_past_many_cache_buffers_equals_reference(tiny, ours):
     assert diff <= TOL, f"worst |Δlogit| over {n} tokens in chunks: {diff:.2e}"
 
 
+def test_prompt_chunks_over_a_long_cache_attend_in_blocks_of_keys_as_the_reference(tiny, ours, monkeypatch):
+    """On the CPU a chunk over more than KEY_BLOCK cached positions runs a blockwise softmax;
+    blocks of 50 keys here, so that the full-attention layers' chunks cross several."""
+    from mlx_gemma3n import cache as caches
+
+    _, reference = tiny
+    long_ids = prompt_ids(232, seed=7)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor(long_ids)).logits.numpy()
+    monkeypatch.setattr(caches, "KEY_BLOCK", 50)
+    blockwise, positions = caches.attend_in_key_blocks, []
+
+    def counted(queries, keys, *rest):
+        positions.append(keys.shape[2])
+        return blockwise(queries, keys, *rest)
+
+    monkeypatch.setattr(caches, "attend_in_key_blocks", counted)
+    cuts = [0, 40, 100, 101, 180, 232]
+    cache, outputs = ours.make_cache(), []
+    for start, stop in zip(cuts, cuts[1:]):
+        outputs.append(np.array(ours(mx.array(long_ids[:, start:stop]), cache=cache)))
+    assert max(positions) == 232  # the last chunk's full-attention layers took the blockwise path
+    diff = worst(np.concatenate(outputs, axis=1), expected)
+    assert diff <= TOL, f"worst |Δlogit| with keys in blocks: {diff:.2e}"
+
+
 def test_sliding_layers_keep_only_the_window_and_shared_layers_have_no_cache(ours):
     config = ours.config.text
     window, tokens = config.sliding_window, SlidingWindowCache.step * 3

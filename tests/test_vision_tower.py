@@ -120,7 +120,7 @@ def test_small_tower_matches_timm_on_a_768_image(small):
 
 def test_parameter_names_and_shapes_equal_the_checkpoint():
     # transformers' full-size tower on the meta device: the names and shapes a Gemma 3n checkpoint
-    # carries below PREFIX (identical to shared/reference/shapes-E2B.json), without allocating them.
+    # carries below PREFIX (those of the published E2B), without allocating them.
     with torch.device("meta"):
         reference = transformers.AutoModel.from_config(transformers.Gemma3nVisionConfig())
     expected = {k.removeprefix("timm_model."): tuple(v.shape) for k, v in reference.state_dict().items()}

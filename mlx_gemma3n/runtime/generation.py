@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..cache import reserve
 from ..errors import InputError
 from ..plan import Plan
 from ..processing.audio import MAX_SAMPLES, as_samples
@@ -147,6 +148,7 @@ def _steps(model, prompt_tokens, cache, sampling: SamplingOptions, max_tokens, p
         key, draw = mx.random.split(key)
         return sampler(logits, draw)
 
+    reserve(cache, total + max_tokens)  # one allocation for the prompt and reply, not one per step
     try:
         while total - done > 1:
             n = min(prefill_step_size, total - done - 1)
