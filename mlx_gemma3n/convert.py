@@ -30,7 +30,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import Gemma3nError
-from .quantize import BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES, quantizable, recipe_bits
+from .quantize import BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES, as_matrix, quantizable, recipe_bits
 from .weights import FINGERPRINT_KEY, PLE_NAME, Checkpoint, CheckpointError, TensorLocation, model_fingerprint
 
 
@@ -75,7 +75,7 @@ class _Tensor:
         """(name, dtype, shape) of what is written: the tensor, or its weight/scales/biases."""
         if self.bits is None:
             return [(self.name, self.dtype, self.source.shape)]
-        rows, cols = self.source.shape
+        rows, cols = as_matrix(self.source.shape)  # a pointwise kernel is written as its matrix
         base = self.name[: -len(".weight")]
         return [
             (base + ".weight", "U32", (rows, cols * self.bits // 32)),
@@ -89,8 +89,9 @@ class _Tensor:
 
 
 def _quantizable_modules(config) -> set[str]:
-    """Our module paths of every Linear/Embedding of the model and its towers (built lazily:
-    MLX allocates nothing until parameters are evaluated)."""
+    """Our module paths of every Linear/Embedding of the model and its towers, and of the vision
+    tower's pointwise convolutions (built lazily: MLX allocates nothing until parameters are
+    evaluated)."""
     from .model.audio import AudioTower
     from .model.gemma3n import Gemma3n
     from .model.vision import VisionTower
@@ -98,7 +99,8 @@ def _quantizable_modules(config) -> set[str]:
     net = Gemma3n(config)
     net.audio_tower = AudioTower(config.audio)
     net.vision_tower = VisionTower(config.vision)
-    return {path for path, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    return {path for path, m in net.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) or getattr(m, "pointwise", False)}
 
 
 def plan(

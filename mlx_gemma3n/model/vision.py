@@ -106,10 +106,28 @@ class Conv2d(nn.Module):
             self.bias = mx.zeros((out_chs,))
         self.kernel_size, self.stride, self.groups, self.pad_type = kernel_size, stride, groups, pad_type.lower()
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 kernel with stride 1: a matrix over channels (99% of this tower's parameters)."""
+        return self.kernel_size == 1 and self.stride == 1 and self.groups == 1
+
+    def to_quantized(self, group_size: int, bits: int, mode: str = "affine") -> nn.Module:
+        """A pointwise conv is a linear layer over the channels of NHWC inputs: quantized as one."""
+        from .quantized import QuantizedLinear
+
+        if not self.pointwise:
+            raise ValueError(f"a {self.kernel_size}x{self.kernel_size} convolution cannot be quantized")
+        out_chs, in_chs = self.weight.shape[0], self.weight.shape[-1]
+        linear = nn.Linear(in_chs, out_chs, bias="bias" in self)
+        linear.weight = self.weight.reshape(out_chs, in_chs)
+        if "bias" in self:
+            linear.bias = self.bias
+        return QuantizedLinear.from_linear(linear, group_size=group_size, bits=bits, mode=mode)
+
     def __call__(self, x: mx.array) -> mx.array:
         w = self.weight.astype(x.dtype)
-        if self.kernel_size == 1 and self.stride == 1 and self.groups == 1:
-            y = x @ w.reshape(w.shape[0], -1).T  # pointwise: a plain matmul over channels
+        if self.pointwise:
+            y = x @ w.reshape(w.shape[0], -1).T  # a plain matmul over channels
         else:
             (top, bottom), (left, right) = (
                 _padding(n, self.kernel_size, self.stride, self.pad_type) for n in x.shape[1:3]
@@ -402,5 +420,6 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Checkpoint tensors (names below `model.vision_tower.timm_model.`) -> MLX layout.
 
     Every 4-D tensor of this tower is a conv kernel: torch (O, I, kH, kW) -> MLX (O, kH, kW, I).
+    A quantized pointwise kernel is stored as its 2-D matrix and stays as it is.
     """
     return {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in weights.items()}
