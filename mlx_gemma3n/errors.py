@@ -17,6 +17,10 @@ class InputError(Gemma3nError, ValueError):
     """Something the caller gave (a prompt, an option, an image, a recording) cannot be used."""
 
 
+class InputTypeError(InputError, TypeError):
+    """Something the caller gave is of a type that cannot be used."""
+
+
 class CheckpointError(Gemma3nError, ValueError):
     """A checkpoint (its files, config or weights) cannot be read as Gemma 3n."""
 

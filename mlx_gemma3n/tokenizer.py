@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as RustTokenizer
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, InputTypeError
 from .heap import release_freed_memory
 
 # transformers' named special tokens, and the values GemmaTokenizer gives those a config leaves out.
@@ -149,7 +149,7 @@ class Tokenizer:
         # template sees only plain data (a template could call the methods of an image or array).
         messages = [_as_plain_data(m) for m in messages]
         if not all(isinstance(m, dict) for m in messages):
-            raise TypeError("Chat messages must be dicts (or dataclasses or pydantic models).")
+            raise InputTypeError("Chat messages must be dicts (or dataclasses or pydantic models).")
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         if continue_final_message:
             if add_generation_prompt:

@@ -317,6 +317,14 @@ def test_non_alternating_roles_raise_the_templates_message(ours, reference):
     assert str(error.value) == message
 
 
+def test_a_message_that_is_not_a_mapping_is_one_of_our_errors_and_a_type_error(ours):
+    from mlx_gemma3n.errors import Gemma3nError
+
+    with pytest.raises(TypeError, match="Chat messages must be dicts") as error:
+        ours.apply_chat_template(["hello"])
+    assert isinstance(error.value, Gemma3nError)
+
+
 class Picture:
     """An object in a message that the template must not see (it could call its methods)."""
 
