@@ -126,7 +126,7 @@ def test_ctrl_c_while_generate_encodes_an_image_exits_with_130_and_one_line(tiny
     finally:
         process.kill()
         process.wait()
-    assert process.returncode == 130, err
+    assert process.returncode == 130, f"exit status {process.returncode}; stderr after the signal: {err!r}"
     assert err.strip().splitlines()[-1] == "interrupted"
     assert "Traceback" not in err
     assert out == ""  # no reply: it stopped inside the tower

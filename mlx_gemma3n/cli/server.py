@@ -20,7 +20,8 @@ def build_parser():
                         help="address to listen on: this machine only, unless 0.0.0.0 opens it to the network")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (0 picks a free one)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="the most tokens one reply may have, and the length of a reply that names none")
+    parser.add_argument("--max-tokens", type=int, default=2048,
+                        help="the most tokens one reply may have, and the length of a reply that names none")
     parser.add_argument("--max-body-mb", type=float, default=50.0, help="the largest request body accepted, in MB")
     parser.add_argument("--allow-http-media", action="store_true", help="fetch http(s) image URLs given in messages")
     parser.add_argument("--allow-local-files", action="store_true",
