@@ -184,3 +184,18 @@ def test_replies_and_chats_take_kv_bits(checkpoint):
     assert {type(c).__name__ for c in chat.cache} >= {"QuantizedKVCache"}
     with pytest.raises(InputError):
         generate(model, tokenizer, "hello world", kv_bits=3)
+
+
+def test_a_reply_makes_room_for_its_prompt_and_tokens_at_once(checkpoint, prompt, monkeypatch):
+    from mlx_gemma3n import SamplingOptions, load
+    from mlx_gemma3n.runtime.generation import stream_tokens
+
+    monkeypatch.setattr(KVCache, "step", 8)  # unreserved, each prompt chunk would regrow the cache
+    model, tokenizer = load(checkpoint, dtype=mx.float32)
+    cache = model.make_cache()
+    ids = prompt[0].tolist()
+    replies = list(stream_tokens(model, tokenizer, ids, max_tokens=5, prompt_cache=cache, prefill_step_size=CHUNK,
+                                 sampling=SamplingOptions(temperature=0.0)))
+    assert len(replies) == 5
+    full = [c for c in cache if isinstance(c, KVCache)]
+    assert full and {c.keys.shape[2] for c in full} == {PROMPT + 5}
