@@ -171,6 +171,16 @@ class QuantizedKV:
     group_size: int
     bits: int
 
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, heads, positions, dims) of the keys or values it stands for."""
+        *held, packed = self.data.shape
+        return (*held, packed * 32 // self.bits)
+
+    def positions(self, block: slice) -> QuantizedKV:
+        return QuantizedKV(self.data[..., block, :], self.scales[..., block, :], self.biases[..., block, :],
+                           self.group_size, self.bits)
+
     def dequantize(self, dtype) -> mx.array:
         if mx.default_device() != mx.cpu:
             return mx.dequantize(self.data, self.scales, self.biases, group_size=self.group_size, bits=self.bits,
@@ -233,11 +243,9 @@ def make_full_cache(kv_bits: int | None, head_dim: int):
 def attend(queries: mx.array, keys, values, scale: float, mask) -> mx.array:
     """Scaled dot-product attention of (B, heads, L, D) queries over float keys and values or
     over a quantized cache's (grouped-query: heads a multiple of the key/value heads)."""
-    quantized = isinstance(keys, QuantizedKV)
-    positions = (keys.data if quantized else keys).shape[2]
-    if mx.default_device() == mx.cpu and queries.shape[2] > 1 and positions > KEY_BLOCK:
+    if mx.default_device() == mx.cpu and queries.shape[2] > 1 and keys.shape[2] > KEY_BLOCK:
         return attend_in_key_blocks(queries, keys, values, scale, mask)
-    if not quantized:
+    if not isinstance(keys, QuantizedKV):
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     # Decode through MLX's quantized kernel, prompt chunks dequantized. On the CPU, at 4k and 16k
     # positions: one query per head, 19 and 71 ms against 58 and 184; 128 queries, 2.3 and 9.5 s
@@ -264,11 +272,10 @@ def attend_in_key_blocks(queries: mx.array, keys, values, scale: float, mask) ->
     """Attention of a prompt chunk over many cached positions, `KEY_BLOCK` keys at a time with
     a running softmax, each block evaluated before the next (float32; float or quantized keys and
     values). MLX's CPU attention holds every query's scores at once, and the dequantized path a
-    float32 copy of the whole cache: at 32k positions, 128 queries of E2B take ~0.4 GB of
-    transients that way, ~50 MB here."""
+    float32 copy of the whole cache: E2B with an 8-bit cache at 32k positions peaked at 1.71 GB
+    of MLX memory that way, 1.47 GB this way (`benchmarks/memory.py --context 32768`)."""
     B, H, L, D = queries.shape
-    kv_heads = (keys.data if isinstance(keys, QuantizedKV) else keys).shape[1]
-    positions = (keys.data if isinstance(keys, QuantizedKV) else keys).shape[2]
+    _, kv_heads, positions, _ = keys.shape
     group = H // kv_heads
     # Each key/value head serves `group` consecutive query heads: they become its rows.
     rows = (queries.astype(mx.float32) * scale).reshape(B, kv_heads, group * L, D)
@@ -299,17 +306,14 @@ def attend_in_key_blocks(queries: mx.array, keys, values, scale: float, mask) ->
 
 def _positions_f32(keys_or_values, block: slice) -> mx.array:
     if isinstance(keys_or_values, QuantizedKV):
-        part = QuantizedKV(*(a[..., block, :] for a in (keys_or_values.data, keys_or_values.scales,
-                                                        keys_or_values.biases)),
-                           keys_or_values.group_size, keys_or_values.bits)
-        return part.dequantize(mx.float32)
+        return keys_or_values.positions(block).dequantize(mx.float32)
     return keys_or_values[..., block, :].astype(mx.float32)
 
 
 def attend_quantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, scale: float) -> mx.array:
     """Unmasked attention through MLX's quantized kernel, softmax in float32."""
     B, H, L, D = queries.shape
-    kv_heads = keys.data.shape[1]
+    kv_heads = keys.shape[1]
     # Each key/value head serves H / kv_heads consecutive query heads: they become its rows.
     grouped = queries.astype(_compute_dtype(queries)).reshape(B, kv_heads, H // kv_heads * L, D)
     scores = keys.matmul(grouped, transpose=True).astype(mx.float32)

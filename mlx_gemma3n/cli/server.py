@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .common import add_model_args
+from .common import add_model_args, load_from_args
 from .common import parser as cli_parser
 
 
@@ -59,19 +59,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     import uvicorn
 
-    from .. import load
     from ..errors import Gemma3nError
     from ..server import ServerSettings, create_app
     from ..server.media import MediaPolicy
 
-    from ..submodel import Submodel, plan_for
+    from ..submodel import Submodel
 
     try:
         if args.submodel:
-            args.submodel = Submodel.preset(args.submodel).name  # an unknown name costs no wait
-        model, tokenizer = load(args.model, dtype=args.dtype, keep_towers=not args.release_towers,
-                                lazy_ple=not args.resident_ple)
-        plan_for(model.config, args.submodel)
+            args.submodel = Submodel.preset(args.submodel).name  # as the model ids name it
+        model, tokenizer = load_from_args(args)
     except (Gemma3nError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
