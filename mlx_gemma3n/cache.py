@@ -85,7 +85,9 @@ class _EveryPosition:
     reserved = 0  # positions the next growth makes room for
 
     def reserve(self, n: int) -> None:
-        self.reserved = self.offset + n
+        # In whole steps: replies of nearby lengths then share a buffer shape, and with it the
+        # compiled decode step's trace (`model/decode.py`).
+        self.reserved = -(-(self.offset + n) // self.step) * self.step
 
     def _capacity(self, end: int) -> int:
         return max(-(-end // self.step) * self.step, self.reserved)
@@ -107,11 +109,21 @@ class KVCache(_EveryPosition, _Buffers):
         super().__init__()
         self.offset = 0  # positions seen (and held)
 
+    def _room(self, n: int, like: tuple[mx.array, mx.array]) -> int:
+        """Room for `n` more positions; where they go."""
+        if self.keys is None or self.offset + n > self.keys.shape[2]:
+            self._reallocate(self._capacity(self.offset + n), 0, self.offset, like)
+        return self.offset
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is None or self.offset + keys.shape[2] > self.keys.shape[2]:
-            self._reallocate(self._capacity(self.offset + keys.shape[2]), 0, self.offset, (keys, values))
-        self.offset = self._write(self.offset, keys, values)
+        self.offset = self._write(self._room(keys.shape[2], (keys, values)), keys, values)
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def claim(self) -> int:
+        """Room for one more position, counted as held; where it goes (see `SlotCache`)."""
+        at = self._room(1, (self.keys, self.values))
+        self.offset += 1
+        return at
 
 
 class SlidingWindowCache(_Buffers):
@@ -132,18 +144,31 @@ class SlidingWindowCache(_Buffers):
         """Keys a chunk of `n` new positions attends over: the past it may see, then its own."""
         return min(self.held, self.window - 1) + n
 
+    def _room(self, n: int, like: tuple[mx.array, mx.array], whole: bool = False) -> int:
+        """Room for `n` more positions; where they go. The buffer grows a step at a time while
+        the window fills (or at once to its largest, `whole`), then holds the window and one step."""
+        if self.keys is None or self.held + n > self.keys.shape[2]:
+            past = self._visible(n) - n
+            largest = self.window - 1 + max(n, self.step)
+            capacity = largest if whole else min(-(-(past + n) // self.step) * self.step, largest)
+            self._reallocate(capacity, self.held - past, self.held, like)
+            self.held = past
+        return self.held
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n = keys.shape[2]
         visible = self._visible(n)
-        if self.keys is None or self.held + n > self.keys.shape[2]:
-            past = visible - n
-            # Grown a step at a time while the window fills, then the window and one step.
-            capacity = min(-(-(past + n) // self.step) * self.step, self.window - 1 + max(n, self.step))
-            self._reallocate(capacity, self.held - past, self.held, (keys, values))
-            self.held = past
-        self.held = self._write(self.held, keys, values)
+        self.held = self._write(self._room(n, (keys, values)), keys, values)
         self.offset += n
         return self.keys[..., self.held - visible : self.held, :], self.values[..., self.held - visible : self.held, :]
+
+    def claim(self) -> int:
+        """Room for one more position, counted as held; where it goes (see `SlotCache`). The buffer
+        is grown to its largest at once, so that its shape changes at most once in a reply."""
+        at = self._room(1, (self.keys, self.values), whole=True)
+        self.held += 1
+        self.offset += 1
+        return at
 
     def reserve(self, n: int) -> None:
         """Nothing to do: the buffers never exceed the window and a step."""
@@ -158,6 +183,28 @@ class SlidingWindowCache(_Buffers):
     def trim(self, n: int) -> None:
         self.held -= n
         self.offset -= n
+
+
+class SlotCache:
+    """A float cache as one compiled decode step sees it: its buffers, the slot the new position
+    goes to (claimed beforehand, outside the step, by the cache's `claim`) and the position
+    itself, all arrays, so that one compiled function serves every step. The held positions are
+    consecutive from the buffer's start: the query sees the slots up to its own, within the window."""
+
+    def __init__(self, keys: mx.array, values: mx.array, position: mx.array, slot: mx.array, window: int | None):
+        self.keys, self.values, self.offset, self.slot, self.window = keys, values, position, slot, window
+
+    def mask(self, n: int) -> mx.array:
+        held = mx.arange(self.keys.shape[2])
+        visible = held <= self.slot
+        if self.window is not None:
+            visible = visible & (held > self.slot - self.window)
+        return visible[None]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.slot, axes=(2,))
+        return self.keys, self.values
 
 
 @dataclass(frozen=True)

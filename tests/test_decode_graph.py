@@ -1,5 +1,6 @@
 """A decoded token's graph: the compiled and merged path gives the plain path's tokens and logits,
-full model and sub-model alike, and evaluates few primitives (a ceiling keeps it so)."""
+full model and sub-model alike, and evaluates few primitives (a ceiling keeps it so); the decode
+step compiled whole gives the op-by-op step's logits and cache, and is traced few times."""
 
 import re
 from collections import Counter
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma3n.loading import load_model
-from mlx_gemma3n.model.text import fuse_for_inference
+from mlx_gemma3n.model.text import TextModel, fuse_for_inference
 from mlx_gemma3n.plan import Plan
 from mlx_gemma3n.sampling import make_sampler, warp
 
@@ -76,6 +77,48 @@ def test_the_compiled_and_merged_path_gives_the_plain_paths_tokens_and_logits(pl
     for step, (ours, theirs) in enumerate(zip(logits, expected_logits)):
         worst = np.abs(ours - theirs).max()
         assert worst <= 1e-4, f"step {step} (0: the prompt): max |Δlogit| {worst:.2e}"
+
+
+# Decoded tokens enough for the tiny model's sliding caches (window 8) to reach their largest
+# buffer and be compacted once after that.
+DECODED = 80
+
+
+@pytest.mark.parametrize("which", ["full", "sub-model"])
+def test_the_compiled_decode_step_gives_the_op_by_op_logits_and_cache(fused, which):
+    config = fused.config.text
+    plan = Plan.full(config) if which == "full" else sub_model(config)
+    by_op, compiled = fused.make_cache(plan), fused.make_cache(plan)
+    logits = fused(mx.array([PROMPT]), cache=by_op, plan=plan)
+    fused(mx.array([PROMPT]), cache=compiled, plan=plan)
+    for step in range(DECODED):
+        token = mx.argmax(logits[:, -1], axis=-1)[:, None]
+        logits = fused(token, cache=by_op, plan=plan)
+        theirs = fused.decode(token, compiled, plan)
+        worst = np.abs(np.array(logits) - np.array(theirs)).max()
+        assert worst <= 1e-4, f"decoded token {step}: max |Δlogit| {worst:.2e}"
+    # Both caches hold the same positions: a next turn's prompt sees the same past.
+    worst = np.abs(np.array(fused(mx.array([PROMPT]), cache=by_op, plan=plan))
+                   - np.array(fused(mx.array([PROMPT]), cache=compiled, plan=plan))).max()
+    assert worst <= 1e-4, f"next turn: max |Δlogit| {worst:.2e}"
+    assert [c.offset for c in compiled] == [c.offset for c in by_op] == [len(PROMPT) * 2 + DECODED] * len(by_op)
+
+
+def test_a_reply_traces_its_compiled_decode_step_twice_at_most(tiny, monkeypatch):
+    """One call runs op by op (a plan's first), one traces the step, and one traces it again when
+    the sliding caches reach their largest buffer; every other token replays the trace."""
+    model = load_model(tiny[0], dtype=mx.float32)[0]
+    fuse_for_inference(model)
+    calls = []
+    decoder = TextModel.__call__
+    monkeypatch.setattr(TextModel, "__call__", lambda self, *a, **k: calls.append(1) or decoder(self, *a, **k))
+    cache = model.make_cache()
+    token = mx.argmax(model(mx.array([PROMPT]), cache=cache)[:, -1], axis=-1)[:, None]
+    calls.clear()
+    for _ in range(DECODED):
+        token = mx.argmax(model.decode(token, cache)[:, -1], axis=-1)[:, None]
+        mx.eval(token)
+    assert len(calls) == 3
 
 
 def test_merging_leaves_the_layers_their_own_weights(plain, fused):

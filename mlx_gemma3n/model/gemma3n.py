@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, InputError
 from ..plan import Plan
 from ..submodel import plan_for
+from .decode import compilable, compiled_step
 from .embedder import MultimodalEmbedder
 from .text import TextModel, soft_cap
 
@@ -24,6 +25,7 @@ class Gemma3n(nn.Module):
         self.embed_vision = MultimodalEmbedder(config.vision, config.text.hidden_size)
         self.embed_audio = MultimodalEmbedder(config.audio, config.text.hidden_size)
         self._multimodal_rows = None  # hard vision and audio ids, embedded once (`embed_multimodal_ids`)
+        self._decode_steps = {}  # plan -> its compiled decode step (`decode`)
 
     # A generation loop (ours; mlx-lm's in the speed benchmark) drives the model through these three.
     @property
@@ -52,11 +54,26 @@ class Gemma3n(nn.Module):
         if input_embeddings is None:
             input_embeddings = self.embed(inputs)
         hidden = self.language_model(inputs, cache, input_embeddings, plan=plan, fill_cache_only=fill_cache_only)
-        if hidden is None:
-            return None
+        return None if hidden is None else self.logits(hidden)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        """The output head (the tied embedding table), soft-capped."""
         logits = self.language_model.embed_tokens.as_linear(hidden)
         cap = self.config.text.final_logit_softcapping
         return soft_cap(logits, cap) if cap else logits
+
+    def decode(self, ids: mx.array, cache: list, plan: Plan | None = None) -> mx.array:
+        """Logits for one new token per sequence, `ids` (B, 1), continuing `cache`: the same as
+        calling the model, through one compiled function (`model/decode.py`) when the caches are
+        float ones that already hold positions. A plan's first call runs uncompiled, so that
+        whatever a layer sets up on first use (a MatFormer width's split) happens outside a trace."""
+        plan = plan or self.language_model.plan
+        step = self._decode_steps.get(plan)
+        if step is None or not compilable(cache):
+            if compilable(cache):
+                self._decode_steps[plan] = compiled_step(self, plan)
+            return self(ids, cache=cache, plan=plan)
+        return self.logits(step(ids, cache))
 
     def embed_multimodal_ids(self) -> mx.array:
         """Every hard vision and audio id embedded by its own table: (vision + audio vocab, hidden).
