@@ -75,7 +75,7 @@ def child(args) -> dict:
     prompt = rng.integers(1000, 200_000, size=args.prompt_tokens).tolist()
     start = time.perf_counter()
     if args.impl == "ours":
-        from mlx_gemma3n.runtime.generation import PREFILL_STEP_SIZE, SamplingOptions, stream_tokens
+        from mlx_gemma3n.runtime.generation import SamplingOptions, default_prefill_step, stream_tokens
         from mlx_gemma3n.loading import load
 
         model, tokenizer = load(args.model, dtype=mx.bfloat16, keep_towers=not args.release_towers)
@@ -105,11 +105,11 @@ def child(args) -> dict:
         cache = model.make_cache(kv_bits=args.kv_bits)
         if args.context:
             fill_as_if_read(cache, args.context - len(prompt) - args.gen_tokens - 1, args.context, config.text,
-                            args.prefill_step_size or PREFILL_STEP_SIZE)
+                            args.prefill_step_size or default_prefill_step())
         t0 = time.perf_counter()
         for r in stream_tokens(model, tokenizer, prompt, max_tokens=args.gen_tokens, prompt_cache=cache,
                                sampling=SamplingOptions(temperature=0.0), input_embeddings=embeddings,
-                               prefill_step_size=args.prefill_step_size or PREFILL_STEP_SIZE):
+                               prefill_step_size=args.prefill_step_size or default_prefill_step()):
             if first is None:
                 first = time.perf_counter() - start
                 prefill_s = time.perf_counter() - t0

@@ -27,12 +27,19 @@ DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 1.0, 64, 0.95
 # Reply length unless told otherwise: the library's functions, ChatSession and the commands alike.
 DEFAULT_MAX_TOKENS = 512
 
-# Prompt tokens per forward pass. A GPU holds a whole layer's temporaries at once, so this sets
-# the memory a prompt adds over the weights: on an H100, E2B 4-bit, 512-token prompt, 197 MB at
-# 512 tokens a step, 108 at 256, 57-66 at 128, 44 at 64, for 4850, 3750-4150, 2570 and 1400
-# prompt tokens/s. At 128, 512 + 128 tokens peak at 1.42 GB for E2B 4-bit and 2.46 GB for E4B
-# 4-bit at group size 128.
-PREFILL_STEP_SIZE = 128
+# Prompt tokens per forward pass, by back-end. A GPU holds a whole layer's temporaries at once,
+# so this sets the memory a prompt adds over the weights; a step's fixed cost (its kernels, one
+# evaluation per layer) sets the speed. H200, E2B 4-bit, a 2048-token prompt
+# (`benchmarks/step_profile.py`): 2.6k tokens/s at 128 a step (peak 1.50 GB), 6.9k at 512 (1.63
+# GB), 11.7k at 2048 (2.11 GB). The 2-core CPU computes a step's products at one speed from 128
+# tokens on and frees as it goes: a 512-token E2B prompt took 34.8 s at 128 (1.52 GB), 29-30 s
+# at 256 or 512 (1.58-1.64 GB).
+PREFILL_STEP_SIZE = {"cpu": 128, "gpu": 512}
+
+
+def default_prefill_step() -> int:
+    """Prompt tokens per forward pass on the default device (`PREFILL_STEP_SIZE`)."""
+    return PREFILL_STEP_SIZE["cpu" if mx.default_device() == mx.cpu else "gpu"]
 
 
 class PromptTooLong(InputError):
@@ -130,7 +137,8 @@ def _steps(model, prompt_tokens, cache, sampling: SamplingOptions, max_tokens, p
            plan: Plan | None) -> Iterator[Progress | int]:
     """Progress of the prompt's chunks, then the reply's ids one at a time. All but the prompt's
     last token go through the model `prefill_step_size` at a time, filling the cache; each next
-    token is computed while the caller handles the one before."""
+    token is computed (by the model's compiled decode step) while the caller handles the one before."""
+    prefill_step_size = prefill_step_size or default_prefill_step()
     prompt = mx.array(prompt_tokens)
     seen = prompt  # what the logits processors look back on
     total, done = len(prompt_tokens), 0
@@ -140,9 +148,8 @@ def _steps(model, prompt_tokens, cache, sampling: SamplingOptions, max_tokens, p
         extra = {} if embeddings is None else {"input_embeddings": embeddings[None]}
         return model(ids[None], cache=cache, plan=plan, **extra, **kw)
 
-    def choose(ids: mx.array, embeddings: mx.array | None = None) -> mx.array:
+    def choose(logits: mx.array) -> mx.array:
         nonlocal key
-        logits = forward(ids, embeddings)[:, -1, :]
         for process in processors:
             logits = process(seen, logits)
         key, draw = mx.random.split(key)
@@ -155,17 +162,21 @@ def _steps(model, prompt_tokens, cache, sampling: SamplingOptions, max_tokens, p
             chunk = None if input_embeddings is None else input_embeddings[done : done + n]
             forward(prompt[done : done + n], chunk, fill_cache_only=True)
             mx.eval([c.state for c in cache])
-            mx.clear_cache()  # the chunk's temporaries, so that they are not kept for the next
+            if mx.default_device() == mx.cpu:
+                # The chunk's temporaries go back to the heap, not kept for the next. A GPU keeps
+                # them for reuse: freeing them cost more than the chunk's work (H200, 512-token
+                # steps, a 512-token prompt: 109 ms with the cache cleared, 79 without; same peak).
+                mx.clear_cache()
             done += n
             yield Progress("prompt", done, total)
         rest = None if input_embeddings is None else input_embeddings[done:]
-        token = choose(prompt[done:], rest)
+        token = choose(forward(prompt[done:], rest)[:, -1, :])
         mx.eval(token)
         for _ in range(max_tokens):
             # Also after the last token: its keys and values then wait in the cache for the next turn.
             if processors:
                 seen = mx.concatenate([seen, token])
-            following = choose(token)
+            following = choose(model.decode(token[None], cache, plan)[:, -1, :])
             mx.async_eval(following)
             yield token.item()
             token = following
@@ -184,7 +195,7 @@ def reply(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     sampling: SamplingOptions | None = None,
     input_embeddings: mx.array | Callable[[], mx.array | None] | None = None,
-    prefill_step_size: int = PREFILL_STEP_SIZE,
+    prefill_step_size: int | None = None,
     plan: Plan | None = None,
     media_seconds: Callable[[], float] = lambda: 0.0,
 ) -> Iterator[Progress | GenerationResponse]:
@@ -253,7 +264,7 @@ def stream_tokens(
     sampling: SamplingOptions | None = None,
     prompt_cache: list | None = None,
     input_embeddings: mx.array | None = None,
-    prefill_step_size: int = PREFILL_STEP_SIZE,
+    prefill_step_size: int | None = None,
     prompt_progress_callback: Callable[[int, int], None] | None = None,
     submodel=None,
     kv_bits: int | None = None,
@@ -261,7 +272,8 @@ def stream_tokens(
     """Stream the reply to ready-made prompt token ids, one `GenerationResponse` per token. The
     tokens continue `prompt_cache` when it is given (it is filled in place; made for the same
     `submodel`); otherwise a new cache is made, its full-attention keys and values `kv_bits` wide
-    when given (see `stream_generate`)."""
+    when given (see `stream_generate`). The prompt goes through the model `prefill_step_size`
+    tokens at a time (by default the back-end's: `PREFILL_STEP_SIZE`)."""
     plan = plan_for(model.config, submodel)
     if prompt_cache is None:
         prompt_cache = model.make_cache(plan, kv_bits=kv_bits)  # refused here, not on the engine, if wrong
