@@ -267,6 +267,23 @@ def test_a_client_leaving_mid_stream_stops_its_generation_within_a_token(server)
     assert stats.last_cancelled_items < 64
 
 
+def test_a_client_leaving_before_a_whole_reply_stops_its_generation(server):
+    app, url = server
+    stats = app.state.worker.stats
+    cancelled = stats.cancelled
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 64}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                       {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    connection.sock.shutdown(2)  # gone before any of the reply
+    connection.close()
+    deadline = time.monotonic() + 30
+    while stats.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats.cancelled == cancelled + 1
+    assert stats.last_cancelled_items < 64
+
+
 def test_an_api_key_is_required_when_set(server):
     stranger = openai.OpenAI(base_url=server[1] + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:

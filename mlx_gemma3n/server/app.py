@@ -3,6 +3,7 @@ and model list, over one loaded model."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -13,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import SamplingOptions, transcribe
@@ -117,19 +118,19 @@ def create_app(model, tokenizer, settings: ServerSettings) -> Starlette:
         size = requested_size(settings, body.get("model"))
         conversation = await run_in_threadpool(decode_conversation, chat.messages, settings.media)
         pieces = worker.stream(lambda: chat_reply(model, tokenizer, prompt_caches[size], conversation, chat, size))
+        reply_id = shapes.completion_id()
+        if not chat.stream:
+            reply = await _unless_client_leaves(request, _whole_reply(pieces))
+            if reply is None:
+                return Response(status_code=499)  # nobody is there to read it
+            text, last = reply
+            _summarise(request, last)
+            return JSONResponse(shapes.completion(reply_id, settings.model_id, text, last.finish_reason, _usage(last)))
         try:
             first = await anext(pieces)  # errors before the first token answer as errors, not as a stream
         except StopAsyncIteration:
             first = Piece("", "stop")
-        reply_id = shapes.completion_id()
-        if chat.stream:
-            return EventStream(_events(request, chat, reply_id, first, pieces))
-        texts, last = [first.text], first
-        async for last in pieces:
-            texts.append(last.text)
-        _summarise(request, last)
-        return JSONResponse(shapes.completion(reply_id, settings.model_id, "".join(texts), last.finish_reason,
-                                              _usage(last)))
+        return EventStream(_events(request, chat, reply_id, first, pieces))
 
     async def _events(request: Request, chat: ChatRequest, reply_id: str, piece: Piece, pieces):
         model_id = settings.model_id
@@ -210,6 +211,33 @@ def create_app(model, tokenizer, settings: ServerSettings) -> Starlette:
     )
     app.state.worker, app.state.prompt_caches, app.state.settings = worker, prompt_caches, settings
     return app
+
+
+async def _whole_reply(pieces) -> tuple[str, Piece]:
+    """The reply's text and its last piece (which says why it ended)."""
+    texts, last = [], Piece("", "stop")
+    async for last in pieces:
+        texts.append(last.text)
+    return "".join(texts), last
+
+
+async def _unless_client_leaves(request: Request, work):
+    """What `work` returns, or None if the client disconnects first: `work` is then cancelled,
+    and with it the generation it awaits (a streamed reply notices a departure when it next
+    writes; a whole reply writes nothing until the end, so the connection is watched)."""
+    async def departure():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(departure())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return None if task.cancelled() else task.result()
 
 
 def _usage(piece: Piece) -> dict:
