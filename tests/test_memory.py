@@ -370,3 +370,18 @@ def test_an_mlx_vlm_conversion_brings_its_towers_back_to_our_layout(mlx_vlm_pair
     pad = mx.zeros((1, 40), dtype=mx.bool_)
     (a, _), (b, _) = a_model.towers.get("audio")(features, pad), b_model.towers.get("audio")(features, pad)
     assert mx.array_equal(a, b).item(), f"audio worst |diff| {worst(a, b)}"
+
+
+def test_on_a_cpu_each_prompt_chunk_hands_its_freed_memory_back(tiny, monkeypatch):
+    """MLX's cache of freed buffers and glibc's free heap pages go back to the system after every
+    prompt chunk, so that a long prompt's temporaries are not kept resident for the next chunk."""
+    from mlx_gemma3n.runtime import generation
+
+    releases = []
+    monkeypatch.setattr(generation, "release_freed_memory", lambda: releases.append(1))
+    model, tokenizer = load(tiny[0], dtype=mx.float32)
+    prompt = list(range(10, 23))  # 13 tokens: 12 go in as chunks of 4, the last one with the reply
+    replies = list(generation.stream_tokens(model, tokenizer, prompt, max_tokens=2, prefill_step_size=4,
+                                            sampling=generation.SamplingOptions(temperature=0.0)))
+    assert len(replies) == 2
+    assert len(releases) == 3
