@@ -121,6 +121,36 @@ def test_a_reply_traces_its_compiled_decode_step_twice_at_most(tiny, monkeypatch
     assert len(calls) == 3
 
 
+def test_replies_of_many_lengths_keep_a_few_traces(tiny, monkeypatch):
+    """Each reservation's buffer shape is a trace of its own (a few MB each at full size): the
+    least recently used beyond `TRACES_KEPT` is dropped, and traced again if it comes back."""
+    from mlx_gemma3n.cache import reserve
+    from mlx_gemma3n.model.decode import TRACES_KEPT
+
+    model = load_model(tiny[0], dtype=mx.float32)[0]
+    fuse_for_inference(model)
+    calls = []
+    decoder = TextModel.__call__
+    monkeypatch.setattr(TextModel, "__call__", lambda self, *a, **k: calls.append(1) or decoder(self, *a, **k))
+
+    def reply(positions: int) -> int:
+        """Decoder calls of two decoded tokens, the full caches reserved for `positions`."""
+        cache = model.make_cache()
+        reserve(cache, positions)
+        token = mx.argmax(model(mx.array([PROMPT]), cache=cache)[:, -1], axis=-1)[:, None]
+        calls.clear()
+        for _ in range(2):
+            token = mx.argmax(model.decode(token, cache)[:, -1], axis=-1)[:, None]
+            mx.eval(token)
+        return len(calls)
+
+    sizes = [256 * (i + 1) for i in range(TRACES_KEPT + 1)]
+    assert reply(sizes[0]) == 2  # a plan's first call op by op, then its trace
+    assert [reply(n) for n in sizes[1:]] == [1] * TRACES_KEPT  # the first size's trace is dropped now
+    assert reply(sizes[-1]) == 0
+    assert reply(sizes[0]) == 1
+
+
 def test_merging_leaves_the_layers_their_own_weights(plain, fused):
     for a, b in zip(plain.language_model.layers, fused.language_model.layers):
         for name in ("q_proj", "k_proj", "v_proj"):

@@ -372,9 +372,10 @@ def test_an_mlx_vlm_conversion_brings_its_towers_back_to_our_layout(mlx_vlm_pair
     assert mx.array_equal(a, b).item(), f"audio worst |diff| {worst(a, b)}"
 
 
-def test_on_a_cpu_each_prompt_chunk_hands_its_freed_memory_back(tiny, monkeypatch):
+def test_on_a_cpu_each_prompt_chunk_and_each_reply_hand_their_freed_memory_back(tiny, monkeypatch):
     """MLX's cache of freed buffers and glibc's free heap pages go back to the system after every
-    prompt chunk, so that a long prompt's temporaries are not kept resident for the next chunk."""
+    prompt chunk, so that a long prompt's temporaries are not kept resident for the next chunk,
+    and after the reply."""
     from mlx_gemma3n.runtime import generation
 
     releases = []
@@ -384,4 +385,4 @@ def test_on_a_cpu_each_prompt_chunk_hands_its_freed_memory_back(tiny, monkeypatc
     replies = list(generation.stream_tokens(model, tokenizer, prompt, max_tokens=2, prefill_step_size=4,
                                             sampling=generation.SamplingOptions(temperature=0.0)))
     assert len(replies) == 2
-    assert len(releases) == 3
+    assert len(releases) == 3 + 1

@@ -14,6 +14,7 @@ on the host and the output head runs after the step, outside it (on a CPU it eva
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -27,24 +28,43 @@ def compilable(cache) -> bool:
     return bool(cache) and all(type(c) in (KVCache, SlidingWindowCache) and c.keys is not None for c in cache)
 
 
+# Traces kept per plan, one per shape of the caches' buffers (each reply's reservation may differ).
+# Each holds about 8 MB for E2B (8 replies of different lengths on a CPU: 58 MB more resident with
+# every trace kept, 26 MB with 4), so the least recently used is dropped. More than one, so that
+# requests stepped in turn by the engine do not retrace at every token.
+TRACES_KEPT = 4
+
+
 def compiled_step(model, plan: Plan) -> Callable[[mx.array, list], mx.array]:
     """A function (ids (B, 1), float caches) -> final hidden states, the caches advanced by one
     position: `model`'s text decoder under `plan`, compiled."""
     text = model.language_model
     windows = [text.config.sliding_window if kind == "sliding_attention" else None for kind in plan.cache_kinds]
 
-    @mx.compile
-    def step(ids, per_layer_rows, positions, buffers):
-        # positions: the new token's position, then each cache's slot for it.
-        caches = [SlotCache(keys, values, positions[0], positions[i + 1 : i + 2], window)
-                  for i, ((keys, values), window) in enumerate(zip(buffers, windows))]
-        hidden = text(ids, caches, model.embed(ids), per_layer_inputs=per_layer_rows, plan=plan)
-        return hidden, [(c.keys, c.values) for c in caches]
+    def trace():
+        # A function object of its own for each shape: MLX keys a compiled function's traces by
+        # the function, and drops them with it.
+        @mx.compile
+        def step(ids, per_layer_rows, positions, buffers):
+            # positions: the new token's position, then each cache's slot for it.
+            caches = [SlotCache(keys, values, positions[0], positions[i + 1 : i + 2], window)
+                      for i, ((keys, values), window) in enumerate(zip(buffers, windows))]
+            hidden = text(ids, caches, model.embed(ids), per_layer_inputs=per_layer_rows, plan=plan)
+            return hidden, [(c.keys, c.values) for c in caches]
+
+        return step
+
+    traces = OrderedDict()  # (ids shape, buffer shapes) -> its compiled step, the most recently used last
 
     def run(ids: mx.array, cache: list) -> mx.array:
         model.embed_multimodal_ids()  # computed (and evaluated) once, never inside the trace
         rows = text.per_layer_inputs(ids)  # the lazy table reads its rows on the host
         positions = mx.array([cache[0].offset] + [c.claim() for c in cache], mx.int32)
+        shapes = (ids.shape, *(c.keys.shape for c in cache))
+        step = traces.pop(shapes, None) or trace()
+        traces[shapes] = step
+        if len(traces) > TRACES_KEPT:
+            traces.popitem(last=False)
         hidden, buffers = step(ids, rows, positions, [(c.keys, c.values) for c in cache])
         # The caches let go of the old buffers before anything runs, so that the step writes in place.
         for c, (keys, values) in zip(cache, buffers):

@@ -185,6 +185,10 @@ def _steps(model, prompt_tokens, cache, sampling: SamplingOptions, max_tokens, p
         # Whatever happens, nothing of this request is left half-computed in the cache: a later
         # turn may run on another thread.
         mx.eval([c.state for c in cache])
+        if mx.default_device() == mx.cpu:
+            # Replies of other lengths free buffers of other sizes, which glibc would keep resident
+            # (E2B, 8 replies of different lengths: 62 MB more resident without this, none with it).
+            release_freed_memory()
 
 
 def reply(
