@@ -40,6 +40,7 @@ def compiled_step(model, plan: Plan) -> Callable[[mx.array, list], mx.array]:
     position: `model`'s text decoder under `plan`, compiled."""
     text = model.language_model
     windows = [text.config.sliding_window if kind == "sliding_attention" else None for kind in plan.cache_kinds]
+    model.embed_multimodal_ids()  # computed (and evaluated) once, here, never inside a trace
 
     def trace():
         # A function object of its own for each shape: MLX keys a compiled function's traces by
@@ -57,7 +58,6 @@ def compiled_step(model, plan: Plan) -> Callable[[mx.array, list], mx.array]:
     traces = OrderedDict()  # (ids shape, buffer shapes) -> its compiled step, the most recently used last
 
     def run(ids: mx.array, cache: list) -> mx.array:
-        model.embed_multimodal_ids()  # computed (and evaluated) once, never inside the trace
         rows = text.per_layer_inputs(ids)  # the lazy table reads its rows on the host
         positions = mx.array([cache[0].offset] + [c.claim() for c in cache], mx.int32)
         shapes = (ids.shape, *(c.keys.shape for c in cache))

@@ -68,12 +68,12 @@ class Gemma3n(nn.Module):
         float ones that already hold positions. A plan's first call runs uncompiled, so that
         whatever a layer sets up on first use (a MatFormer width's split) happens outside a trace."""
         plan = plan or self.language_model.plan
-        step = self._decode_steps.get(plan)
-        if step is None or not compilable(cache):
-            if compilable(cache):
-                self._decode_steps[plan] = compiled_step(self, plan)
+        if not compilable(cache):
             return self(ids, cache=cache, plan=plan)
-        return self.logits(step(ids, cache))
+        if plan not in self._decode_steps:
+            self._decode_steps[plan] = compiled_step(self, plan)
+            return self(ids, cache=cache, plan=plan)
+        return self.logits(self._decode_steps[plan](ids, cache))
 
     def embed_multimodal_ids(self) -> mx.array:
         """Every hard vision and audio id embedded by its own table: (vision + audio vocab, hidden).
