@@ -52,13 +52,19 @@ class Transcript:
         return "".join(f"{i}\n{stamp(s.start)} --> {stamp(s.end)}\n{s.text}\n\n" for i, s in enumerate(blocks, 1))
 
 
-def instruction(language: str | None = None, translate_to: str | None = None) -> str:
+def instruction(language: str | None = None, translate_to: str | None = None, prompt: str | None = None) -> str:
+    """What the model is asked for each clip. `prompt` plays the part of Whisper's: text the speech
+    follows, or that spells its names and terms."""
     if translate_to:
         source = f"{language} " if language else ""
-        return f"Translate the following {source}speech segment into {translate_to}:"
-    if language:
-        return f"Transcribe the following speech segment in {language}:"
-    return "Transcribe the following speech segment:"
+        asked = f"Translate the following {source}speech segment into {translate_to}:"
+    elif language:
+        asked = f"Transcribe the following speech segment in {language}:"
+    else:
+        asked = "Transcribe the following speech segment:"
+    if prompt and prompt.strip():
+        asked += f"\n(It follows this text; keep its spelling of names and terms: {prompt.strip()})"
+    return asked
 
 
 def _words(text: str) -> list[str]:
@@ -81,18 +87,20 @@ def transcribe(
     *,
     language: str | None = None,
     translate_to: str | None = None,
+    prompt: str | None = None,
     max_tokens_per_clip: int = MAX_TOKENS_PER_CLIP,
     sampling: SamplingOptions | None = None,
     progress: bool = False,
     submodel=None,
 ) -> Transcript:
     """Transcribe (or translate) `audio`: a path, bytes, an (array, sample_rate) pair, or an
-    array at 16 kHz. Greedy decoding unless `sampling` says otherwise; `submodel` runs a MatFormer
-    size of the loaded model (see `stream_generate`)."""
+    array at 16 kHz. `prompt`, as Whisper's, is text the speech follows or that spells its names
+    and terms; every clip is asked with it. Greedy decoding unless `sampling` says otherwise;
+    `submodel` runs a MatFormer size of the loaded model (see `stream_generate`)."""
     samples = as_samples(audio)
     sampling = sampling or SamplingOptions(temperature=0.0)
     spans = split_on_silence(samples, SAMPLE_RATE, max_seconds=CLIP_SECONDS, overlap_seconds=OVERLAP_SECONDS)
-    prompt = instruction(language, translate_to)
+    asked = instruction(language, translate_to, prompt)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -105,7 +113,7 @@ def transcribe(
         if np.sqrt(np.mean(np.square(piece, dtype=np.float64))) >= SILENCE_RMS:
             text = "".join(
                 r.text for r in stream_generate(
-                    model, tokenizer, prompt, audio=[piece], max_tokens=max_tokens_per_clip, sampling=sampling,
+                    model, tokenizer, asked, audio=[piece], max_tokens=max_tokens_per_clip, sampling=sampling,
                     submodel=submodel,
                 )
             ).strip()

@@ -185,6 +185,17 @@ def test_transcriptions_in_json_and_srt_equal_transcribe(client, loaded, tmp_pat
     assert srt == expected.to_srt()
 
 
+def test_a_transcription_prompt_is_asked_as_transcribe_asks_it(client, loaded, tmp_path):
+    model, tokenizer = loaded
+    path = tmp_path / "talk.wav"
+    path.write_bytes(wav_bytes(speech_like(2.0, 1)))
+    expected = transcribe(model, tokenizer, path, prompt="Okonjo-Iweala", max_tokens_per_clip=6)
+    assert expected.text != transcribe(model, tokenizer, path, max_tokens_per_clip=6).text  # the prompt tells
+    with open(path, "rb") as f:
+        result = client.audio.transcriptions.create(file=f, model=MODEL_ID, prompt="Okonjo-Iweala")
+    assert result.text == expected.text
+
+
 def test_vtt_and_verbose_json_carry_the_segments():
     transcript = Transcript("hi there", [Segment(0.0, 29.5, "hi", 0), Segment(29.0, 31.25, "", 1),
                                          Segment(31.0, 61.0, "there", 2)], 61.0, "English")

@@ -77,6 +77,27 @@ def test_instructions_name_the_languages():
     assert instruction() == "Transcribe the following speech segment:"
     assert instruction("English") == "Transcribe the following speech segment in English:"
     assert instruction("English", "Spanish") == "Translate the following English speech segment into Spanish:"
+    assert instruction(prompt="Okonjo-Iweala, WTO. ") == (
+        "Transcribe the following speech segment:\n(It follows this text; keep its spelling of names and terms: "
+        "Okonjo-Iweala, WTO.)"
+    )
+    assert instruction(prompt="  ") == instruction()
+
+
+def test_the_prompt_is_asked_with_every_clip(loaded, monkeypatch):
+    import mlx_gemma3n.transcription as transcription
+
+    asked, generate = [], transcription.stream_generate
+
+    def spy(model, tokenizer, prompt, **kw):
+        asked.append(prompt)
+        return generate(model, tokenizer, prompt, **kw)
+
+    monkeypatch.setattr(transcription, "stream_generate", spy)
+    model, tokenizer = loaded
+    result = transcribe(model, tokenizer, bursts(45.0), language="English", prompt="Okonjo-Iweala", max_tokens_per_clip=2)
+    assert len(result.segments) >= 2
+    assert asked == [instruction("English", prompt="Okonjo-Iweala")] * len(result.segments)
 
 
 def test_overlapping_words_are_stitched_once():

@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     p.add_argument("audio", help="an audio file (WAV, FLAC, OGG, MP3, ...)")
     p.add_argument("--language", default=None, help="the spoken language, e.g. English (optional)")
     p.add_argument("--translate-to", default=None, help="translate into this language, e.g. Spanish")
+    p.add_argument("--prompt", default=None,
+                   help="text the speech follows, or that spells its names and terms (as Whisper's prompt)")
     p.add_argument("--format", choices=["txt", "srt", "json"], default="txt")
     p.add_argument("--output", "-o", default=None, help="write here instead of standard output")
     args = p.parse_args(argv)
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
     model, tokenizer = load_from_args(args)
     began = time.perf_counter()
     result = transcribe(
-        model, tokenizer, audio, language=args.language, translate_to=args.translate_to,
+        model, tokenizer, audio, language=args.language, translate_to=args.translate_to, prompt=args.prompt,
         max_tokens_per_clip=args.max_tokens, sampling=sampling, progress=sys.stderr.isatty(), submodel=args.submodel,
     )
     seconds = time.perf_counter() - began

@@ -167,11 +167,14 @@ def create_app(model, tokenizer, settings: ServerSettings) -> Starlette:
             raise RequestError("'temperature' must be at least 0 and at most 2.", param="temperature")
         language = form.get("language") or None
         language = LANGUAGES.get(language.lower(), language) if language else None
+        prompt = form.get("prompt") or None
+        if prompt is not None and not isinstance(prompt, str):
+            raise RequestError("'prompt' must be text.", param="prompt")
         size = requested_size(settings, form.get("model") if isinstance(form.get("model"), str) else None)
         samples = await run_in_threadpool(as_samples, await upload.read())
         sampling = SamplingOptions(temperature=temperature) if temperature else SamplingOptions(temperature=0.0)
         result = await worker.call(lambda: transcribe(
-            model, tokenizer, samples, language=language, sampling=sampling,
+            model, tokenizer, samples, language=language, prompt=prompt, sampling=sampling,
             max_tokens_per_clip=settings.max_tokens_per_clip,
             translate_to="English" if task == "translate" else None, submodel=size,
         ))
