@@ -159,6 +159,17 @@ def test_merging_leaves_the_layers_their_own_weights(plain, fused):
         assert mx.array_equal(a.laurel.linear_left.weight, b.laurel.linear_left.weight)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_the_router_scale_folded_into_its_norm_gives_the_reference_bits(fused, dtype):
+    hidden = fused.config.text.hidden_size  # 2^6, as E2B's and E4B's 2^11
+    x = mx.random.normal((1, 3, hidden), key=mx.random.key(1)).astype(dtype)
+    for layer in fused.language_model.layers:
+        norm = layer.altup.router_norm
+        assert layer.router_norm_weight() is not norm.weight  # folded
+        reference = mx.fast.rms_norm(x, norm.weight.astype(dtype), norm.eps) * (1 / hidden)
+        assert mx.array_equal(layer.kernels.router_input(x, layer.router_norm_weight().astype(dtype)), reference)
+
+
 def test_a_decoded_token_evaluates_few_primitives(fused, tmp_path):
     cache = fused.make_cache()
     mx.eval(fused(mx.array([PROMPT]), cache=cache))

@@ -76,14 +76,16 @@ class QuantizedScaledEmbedding(nn.QuantizedEmbedding):
 
 
 @lru_cache(maxsize=None)
-def _stream_kernels(eps: float, streams: int, active: int, correct_scale: bool, dims: int):
-    """The compiled chains around a decoder layer's products; AltUp streams are laid out (B, L, n, D)."""
-    inv_sqrt2, router_scale = 1 / math.sqrt(2), 1.0 / dims
+def _stream_kernels(eps: float, streams: int, active: int, correct_scale: bool, router_scale: float):
+    """The compiled chains around a decoder layer's products; AltUp streams are laid out (B, L, n, D).
+    The router's input is its normed stream times `router_scale` (1.0: folded into the norm's weight)."""
+    inv_sqrt2 = 1 / math.sqrt(2)
     first_stream = mx.arange(streams)[:, None] == 0  # the per-layer input feeds every stream but the first
     mx.eval(first_stream)
 
     def router_input(x, norm_w):
-        return mx.fast.rms_norm(x, norm_w, eps) * router_scale
+        normed = mx.fast.rms_norm(x, norm_w, eps)
+        return normed if router_scale == 1.0 else normed * router_scale
 
     # The AltUp coefficients are products over only n (4) terms: written out as n elementwise
     # terms, in float32 like a matmul's accumulator and rounded where the reference's products
@@ -304,15 +306,32 @@ class DecoderLayer(nn.Module):
         self.per_layer_input_gate = nn.Linear(dims, config.hidden_size_per_layer_input, bias=False)
         self.per_layer_projection = nn.Linear(config.hidden_size_per_layer_input, dims, bias=False)
         self.post_per_layer_input_norm = RMSNorm(dims, eps)
-        self.kernels = _stream_kernels(
-            eps, config.altup_num_inputs, config.altup_active_idx, config.altup_correct_scale, dims
-        )
+        shape = (eps, config.altup_num_inputs, config.altup_active_idx, config.altup_correct_scale)
+        object.__setattr__(self, "_kernel_shape", shape)  # the kernels' constants but the router scale
+        self.kernels = _stream_kernels(*self._kernel_shape, 1.0 / dims)
         # The products of the normed active stream (queries, keys, values, Laurel's left), merged
         # into fewer matrices by `fuse_for_inference`; a plain attribute, not a parameter.
         object.__setattr__(self, "_input_products", None)
+        object.__setattr__(self, "_router_norm_weight", None)  # set by `fold_router_scale`
 
     def input_projections(self) -> list[nn.Module]:
         return self.self_attn.input_projections() + [self.laurel.linear_left]
+
+    def router_norm_weight(self) -> mx.array:
+        return self.altup.router_norm.weight if self._router_norm_weight is None else self._router_norm_weight
+
+    def fold_router_scale(self) -> None:
+        """The router's input scale (1 / hidden size) folded into its norm's weight, made once:
+        a GPU then launches no kernel for it (two per layer and token). Exact for a hidden size
+        that is a power of two (E2B's and E4B's 2048), as scaling by one commutes with rounding;
+        for any other size the scale stays a product of its own."""
+        weight = self.altup.router_norm.weight
+        dims = weight.shape[0]
+        if dims & (dims - 1):
+            return
+        object.__setattr__(self, "_router_norm_weight", weight * (1.0 / dims))
+        mx.eval(self._router_norm_weight)
+        self.kernels = _stream_kernels(*self._kernel_shape, 1.0)
 
     def project_input(self, x: mx.array) -> list[mx.array]:
         if self._input_products is None:
@@ -322,7 +341,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, streams, per_layer_input, mask, offset, cache=None, shared_kv=None, ffn_width=None):
         """streams (B, L, n, D) -> the same after this layer, and the keys and values it attended over."""
         k, altup = self.kernels, self.altup
-        routed = altup.modality_router(k.router_input(streams[..., self.active, :], altup.router_norm.weight))
+        routed = altup.modality_router(k.router_input(streams[..., self.active, :], self.router_norm_weight()))
         coefs = k.coefficients(routed, altup.prediction_coefs.weight)
         predictions, active, x = k.predict(coefs, streams, self.input_layernorm.weight)
 
@@ -333,7 +352,7 @@ class DecoderLayer(nn.Module):
             self.laurel.post_laurel_norm.weight, self.pre_feedforward_layernorm.weight,
         )
         h, router_input = k.after_ffn(
-            h, self.mlp(ffn_input, ffn_width), self.post_feedforward_layernorm.weight, altup.router_norm.weight
+            h, self.mlp(ffn_input, ffn_width), self.post_feedforward_layernorm.weight, self.router_norm_weight()
         )
 
         coefs = k.coefficients(altup.modality_router(router_input), altup.correction_coefs.weight)
@@ -472,13 +491,14 @@ def fuse_for_inference(model: nn.Module, after_each_layer: Callable[[], None] = 
     """Merge the products that read the same input into one matrix each, after the weights have
     loaded (the checkpoint's names stay): per layer, queries, keys, values and Laurel's left side
     of the normed active stream, and the feed-forward's gate and up projections; the three AltUp
-    projections of the embeddings. The original layers keep views of the merged weights (no
-    second copy), so the plain path still runs. `after_each_layer` may hand back the memory the
-    merge replaced before the next layer's is made."""
+    projections of the embeddings; and each router's input scale is folded into its norm's weight.
+    The original layers keep views of the merged weights (no second copy), so the plain path still
+    runs. `after_each_layer` may hand back the memory the merge replaced before the next layer's is made."""
     text = getattr(model, "language_model", model)
     for layer in text.layers:
         object.__setattr__(layer, "_input_products", SharedInputProducts(layer.input_projections()))
         object.__setattr__(layer.mlp, "_gate_up", SharedInputProducts([layer.mlp.gate_proj, layer.mlp.up_proj]))
+        layer.fold_router_scale()
         after_each_layer()
     streams = SharedInputProducts(text.altup_projections)
     object.__setattr__(text, "_stream_products", streams)
