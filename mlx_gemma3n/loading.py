@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .heap import release_freed_memory
+from .heap import keep_no_freed_buffers, release_freed_memory
 from .model.gemma3n import Gemma3n
 from .model.text import fuse_for_inference
 from .ple import DEFAULT_CACHE_BYTES, PerLayerEmbeddings
@@ -95,6 +95,7 @@ def load_model(
     instead of being loaded."""
     dtype = resolve_dtype(dtype)
     checkpoint = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
+    keep_no_freed_buffers()
     net = Gemma3n(checkpoint.config)
     skip = ()
     if lazy_ple:

@@ -386,3 +386,13 @@ def test_on_a_cpu_each_prompt_chunk_and_each_reply_hand_their_freed_memory_back(
                                             sampling=generation.SamplingOptions(temperature=0.0)))
     assert len(replies) == 2
     assert len(releases) == 3 + 1
+
+
+def test_on_a_cpu_mlx_keeps_no_freed_buffers_once_a_model_is_loaded(tiny):
+    """Freed buffers go back to the C library at once, where buffers of any size can reuse them,
+    instead of waiting in MLX's cache for one of their own size."""
+    model, tokenizer = load(tiny[0], dtype=mx.float32)
+    logits = model(mx.array([list(range(10, 60))]))
+    mx.eval(logits)
+    del logits
+    assert mx.get_cache_memory() == 0
