@@ -1,10 +1,14 @@
 """Which way to multiply by a quantized weight on the CPU back-end, by number of rows: MLX's
 quantized kernel in the model's dtype, the same kernel in float32, or the float GEMM (BLAS) with
-the weight dequantized to float32 by MLX (whole) or by us (in blocks). The E2B shapes; the
+the weight dequantized by MLX (whole; in the input's dtype or float32) or by us (in blocks, float32). The E2B shapes; the
 threshold in `mlx_gemma3n/model/quantized.py` comes from this table.
 
     export LD_PRELOAD=$(dpkg -L libopenblas0-pthread | grep '/libblas.so.3$')
     python benchmarks/cpu_quantized_matmul.py [--head]
+    python benchmarks/cpu_quantized_matmul.py --rows 1,128,512,2048 --repeats 10   # on a GPU: prompt chunks
+
+"MLX dequantize" multiplies in the input's dtype, the way a GPU would if dequantizing a layer once
+per prompt chunk beat MLX's quantized kernel there.
 
 Prints the median of `--repeats` runs (min-max in brackets), in ms. A method whose time passes
 `--give-up` seconds is not run at larger row counts.
@@ -36,13 +40,18 @@ def timed(f, repeats: int) -> list[float]:
 
 
 def methods(layer: nn.QuantizedLinear):
+    def mlx_dequantize(x):
+        w = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits,
+                          dtype=x.dtype)
+        return x @ w.T
+
     def mlx_dequantize_f32(x):
         w = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits,
                           dtype=mx.float32)
         return (x.astype(mx.float32) @ w.T).astype(x.dtype)
 
     return {"kernel": layer, "kernel f32": lambda x: kernel_product_f32(x, layer),
-            "MLX dequantize f32": mlx_dequantize_f32, "ours": lambda x: dequantized_product(x, layer)}
+            "MLX dequantize": mlx_dequantize, "MLX dequantize f32": mlx_dequantize_f32, "ours": lambda x: dequantized_product(x, layer)}
 
 
 def main(argv=None) -> int:

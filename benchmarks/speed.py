@@ -131,18 +131,22 @@ def measure(runtime: str, path: str, dtype, prompt: list[int], gen_tokens: int, 
                 weight_bytes=weight_bytes(model))
 
 
-def decode_primitives(model, make_cache, token: int = 7) -> tuple[int, int]:
-    """Kernels and primitives of one greedy decode step after a short prompt. Our CPU path runs
-    a large quantized product (the head) in blocks, each evaluated before the next: switched off
-    here, since it would evaluate the very graph being counted (it adds only a product and two
-    casts per block)."""
+def decode_primitives(model, make_cache, token: int = 7, compiled: bool = False) -> tuple[int, int]:
+    """Kernels and primitives of one greedy decode step after a short prompt; `compiled`: our
+    compiled step (`Gemma3n.decode`, whose first call runs op by op). Our CPU path runs a large
+    quantized product (the head) in blocks, each evaluated before the next: switched off here,
+    since it would evaluate the very graph being counted (it adds only a product and two casts
+    per block)."""
     from mlx_gemma3n.model import quantized
 
     cache = make_cache()
     mx.eval(model(mx.array([[2, 5, 6, token]]), cache=cache))
+    step = model.decode if compiled else (lambda ids, cache: model(ids, cache=cache))
     cast_bytes, quantized.CAST_BYTES = quantized.CAST_BYTES, 1 << 62
     try:
-        return primitives(mx.argmax(model(mx.array([[token]]), cache=cache)[:, -1], axis=-1))
+        if compiled:
+            mx.eval(step(mx.array([[token]]), cache))
+        return primitives(mx.argmax(step(mx.array([[token]]), cache)[:, -1], axis=-1))
     finally:
         quantized.CAST_BYTES = cast_bytes
 
@@ -211,8 +215,11 @@ def print_primitives(path: str | None, dtype) -> None:
             else:
                 make_cache = model.make_cache
             rows.append((f"{runtime} ({Path(path).name})", decode_primitives(model, make_cache)))
+            if runtime == "mlx_gemma3n":
+                rows.append(("  the same, compiled step", decode_primitives(model, make_cache, compiled=True)))
     model = e2b_shaped_model()
     rows.append(("mlx_gemma3n (E2B shape, 4-bit)", decode_primitives(model, model.make_cache)))
+    rows.append(("  the same, compiled step", decode_primitives(model, model.make_cache, compiled=True)))
     print(f"device {mx.default_device()}; one greedy decode step")
     print(f"{'model':<40} {'kernels':>8} {'primitives':>11}")
     for name, (kernels, total) in rows:
