@@ -69,6 +69,10 @@ class _Buffers:
     def state(self) -> list[mx.array]:
         return [] if self.keys is None else [self.keys, self.values]
 
+    @state.setter
+    def state(self, arrays: list[mx.array]) -> None:
+        self.keys, self.values = arrays
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
@@ -125,6 +129,10 @@ class KVCache(_EveryPosition, _Buffers):
         self.offset += 1
         return at
 
+    def slot_view(self):
+        """How a compiled decode step sees this kind of cache: (state, position, slot) -> a `SlotCache`."""
+        return lambda state, position, slot: SlotCache(*state, position, slot, None)
+
 
 class SlidingWindowCache(_Buffers):
     """The last `window - 1` positions of a sliding-window layer: with the chunk's own, all a
@@ -173,6 +181,11 @@ class SlidingWindowCache(_Buffers):
     def reserve(self, n: int) -> None:
         """Nothing to do: the buffers never exceed the window and a step."""
 
+    def slot_view(self):
+        """How a compiled decode step sees this kind of cache: (state, position, slot) -> a `SlotCache`."""
+        window = self.window
+        return lambda state, position, slot: SlotCache(*state, position, slot, window)
+
     def mask(self, n: int):
         return attention_mask(n, self._visible(n) - n, self.window)
 
@@ -186,16 +199,16 @@ class SlidingWindowCache(_Buffers):
 
 
 class SlotCache:
-    """A float cache as one compiled decode step sees it: its buffers, the slot the new position
-    goes to (claimed beforehand, outside the step, by the cache's `claim`) and the position
-    itself, all arrays, so that one compiled function serves every step. The held positions are
-    consecutive from the buffer's start: the query sees the slots up to its own, within the window."""
+    """A cache as one compiled decode step sees it: its buffers, the slot the new position goes to
+    (claimed beforehand, outside the step, by the cache's `claim`) and the position itself, all
+    arrays, so that one compiled function serves every step. The held positions are consecutive
+    from the buffer's start: the query sees the slots up to its own, within the window."""
 
     def __init__(self, keys: mx.array, values: mx.array, position: mx.array, slot: mx.array, window: int | None):
         self.keys, self.values, self.offset, self.slot, self.window = keys, values, position, slot, window
 
     def mask(self, n: int) -> mx.array:
-        held = mx.arange(self.keys.shape[2])
+        held = mx.arange(self.state[0].shape[2])
         visible = held <= self.slot
         if self.window is not None:
             visible = visible & (held > self.slot - self.window)
@@ -205,6 +218,29 @@ class SlotCache:
         self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
         self.values = mx.slice_update(self.values, values, self.slot, axes=(2,))
         return self.keys, self.values
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [self.keys, self.values]
+
+
+class QuantizedSlotCache(SlotCache):
+    """A quantized cache (`QuantizedKVCache`) as one compiled decode step sees it: the new
+    position's keys and values are quantized into the claimed slot of each buffer."""
+
+    def __init__(self, buffers: list[mx.array], position: mx.array, slot: mx.array, group_size: int, bits: int):
+        self.buffers, self.offset, self.slot, self.window = buffers, position, slot, None
+        self.group_size, self.bits = group_size, bits
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[QuantizedKV, QuantizedKV]:
+        new = [*mx.quantize(keys, self.group_size, self.bits), *mx.quantize(values, self.group_size, self.bits)]
+        self.buffers = [mx.slice_update(b, part, self.slot, axes=(2,)) for b, part in zip(self.buffers, new)]
+        return (QuantizedKV(*self.buffers[:3], self.group_size, self.bits),
+                QuantizedKV(*self.buffers[3:], self.group_size, self.bits))
+
+    @property
+    def state(self) -> list[mx.array]:
+        return self.buffers
 
 
 @dataclass(frozen=True)
@@ -252,22 +288,42 @@ class QuantizedKVCache(_EveryPosition):
         self.offset = 0  # positions seen (and held)
         self.buffers = None  # data, scales, biases of the keys, then of the values
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[QuantizedKV, QuantizedKV]:
-        end = self.offset + keys.shape[2]
-        new = [*mx.quantize(keys, self.group_size, self.bits), *mx.quantize(values, self.group_size, self.bits)]
+    def _room(self, n: int, like: list[mx.array]) -> int:
+        """Room for `n` more positions; where they go."""
+        end = self.offset + n
         if self.buffers is None or end > self.buffers[0].shape[2]:
-            old = self.buffers or [None] * len(new)
-            self.buffers = [_fresh(held, like, self._capacity(end), 0, self.offset) for held, like in zip(old, new)]
+            old = self.buffers or [None] * len(like)
+            self.buffers = [_fresh(held, part, self._capacity(end), 0, self.offset) for held, part in zip(old, like)]
+        return self.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[QuantizedKV, QuantizedKV]:
+        new = [*mx.quantize(keys, self.group_size, self.bits), *mx.quantize(values, self.group_size, self.bits)]
+        start = self._room(keys.shape[2], new)
+        self.offset = start + keys.shape[2]
         for buffer, part in zip(self.buffers, new):
-            buffer[..., self.offset : end, :] = part
-        self.offset = end
-        held = [b[..., :end, :] for b in self.buffers]
+            buffer[..., start : self.offset, :] = part
+        held = [b[..., : self.offset, :] for b in self.buffers]
         return (QuantizedKV(*held[:3], self.group_size, self.bits),
                 QuantizedKV(*held[3:], self.group_size, self.bits))
+
+    def claim(self) -> int:
+        """Room for one more position, counted as held; where it goes (see `QuantizedSlotCache`)."""
+        at = self._room(1, self.buffers)
+        self.offset += 1
+        return at
+
+    def slot_view(self):
+        """How a compiled decode step sees this kind of cache: (state, position, slot) -> a `QuantizedSlotCache`."""
+        group_size, bits = self.group_size, self.bits
+        return lambda state, position, slot: QuantizedSlotCache(state, position, slot, group_size, bits)
 
     @property
     def state(self) -> list[mx.array]:
         return self.buffers or []
+
+    @state.setter
+    def state(self, arrays: list[mx.array]) -> None:
+        self.buffers = arrays
 
     @property
     def nbytes(self) -> int:
@@ -298,8 +354,8 @@ def attend(queries: mx.array, keys, values, scale: float, mask) -> mx.array:
     # positions: one query per head, 19 and 71 ms against 58 and 184; 128 queries, 2.3 and 9.5 s
     # against 0.22 and 1.2 (8-bit; the kernel wins at 2 queries, ties or loses from 3 on;
     # `benchmarks/kv_cache.py --speed`).
-    if mask is None and queries.shape[2] == 1:
-        return attend_quantized(queries, keys, values, scale)
+    if queries.shape[2] == 1 and not isinstance(mask, str):
+        return attend_quantized(queries, keys, values, scale, mask)
     return attend_dequantized(queries, keys, values, scale, mask)
 
 
@@ -357,8 +413,10 @@ def _positions_f32(keys_or_values, block: slice) -> mx.array:
     return keys_or_values[..., block, :].astype(mx.float32)
 
 
-def attend_quantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, scale: float) -> mx.array:
-    """Unmasked attention through MLX's quantized kernel, softmax in float32."""
+def attend_quantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, scale: float,
+                     visible: mx.array | None = None) -> mx.array:
+    """One query per head through MLX's quantized kernel, softmax in float32; `visible`, a
+    boolean (1, keys) row, hides the keys it marks False (slots of a buffer not yet written)."""
     B, H, L, D = queries.shape
     kv_heads = keys.shape[1]
     # Each key/value head serves H / kv_heads consecutive query heads: they become its rows.
@@ -366,6 +424,8 @@ def attend_quantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, 
     scores = keys.matmul(grouped, transpose=True).astype(mx.float32)
     if scale != 1.0:
         scores = scores * scale
+    if visible is not None:
+        scores = mx.where(visible, scores, -mx.inf)
     weights = mx.softmax(scores, axis=-1).astype(grouped.dtype)
     return values.matmul(weights, transpose=False).reshape(B, H, L, D).astype(queries.dtype)
 

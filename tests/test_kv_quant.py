@@ -199,3 +199,32 @@ def test_a_reply_makes_room_for_its_prompt_and_tokens_at_once(checkpoint, prompt
     assert len(replies) == 5
     full = [c for c in cache if isinstance(c, KVCache)]
     assert full and {c.keys.shape[2] for c in full} == {-(-(PROMPT + 5) // 8) * 8}  # in whole steps
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_compiled_decode_step_continues_a_quantized_cache_as_op_by_op(model, prompt, bits, monkeypatch):
+    from mlx_gemma3n.model.text import TextModel
+
+    by_op, compiled = model.make_cache(kv_bits=bits), model.make_cache(kv_bits=bits)
+    logits = model(mx.array(prompt), cache=by_op)
+    model(mx.array(prompt), cache=compiled)
+    traced, decoder = [], TextModel.__call__
+
+    def counted(self, ids=None, cache=None, *args, **kwargs):
+        if cache is not by_op:
+            traced.append(1)
+        return decoder(self, ids, cache, *args, **kwargs)
+
+    monkeypatch.setattr(TextModel, "__call__", counted)
+    for step in range(DECODED):
+        token = mx.argmax(logits[:, -1], axis=-1)[:, None]
+        logits = model(token, cache=by_op)
+        theirs = model.decode(token, compiled)
+        worst = np.abs(np.array(logits) - np.array(theirs)).max()
+        assert worst <= 1e-4, f"decoded token {step}: max |Δlogit| {worst:.2e}"
+    assert len(traced) <= 3  # once op by op (a plan's first call, at most), once traced, once retraced
+    assert [c.offset for c in compiled] == [c.offset for c in by_op] == [PROMPT + DECODED] * len(by_op)
+    for a, b in zip(by_op, compiled):
+        if isinstance(a, QuantizedKVCache):
+            for x, y in zip(a.state, b.state):
+                assert mx.array_equal(x[..., : a.offset, :], y[..., : b.offset, :])

@@ -19,13 +19,13 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from ..cache import KVCache, SlidingWindowCache, SlotCache
+from ..cache import KVCache, QuantizedKVCache, SlidingWindowCache
 from ..plan import Plan
 
 
 def compilable(cache) -> bool:
-    """Whether a step can continue `cache` compiled: float caches that already hold positions."""
-    return bool(cache) and all(type(c) in (KVCache, SlidingWindowCache) and c.keys is not None for c in cache)
+    """Whether a step can continue `cache` compiled: caches of ours that already hold positions."""
+    return bool(cache) and all(type(c) in (KVCache, SlidingWindowCache, QuantizedKVCache) and c.state for c in cache)
 
 
 # Traces kept per plan, one per shape of the caches' buffers (each reply's reservation may differ).
@@ -36,22 +36,21 @@ TRACES_KEPT = 4
 
 
 def compiled_step(model, plan: Plan) -> Callable[[mx.array, list], mx.array]:
-    """A function (ids (B, 1), float caches) -> final hidden states, the caches advanced by one
+    """A function (ids (B, 1), caches) -> final hidden states, the caches advanced by one
     position: `model`'s text decoder under `plan`, compiled."""
     text = model.language_model
-    windows = [text.config.sliding_window if kind == "sliding_attention" else None for kind in plan.cache_kinds]
     model.embed_multimodal_ids()  # computed (and evaluated) once, here, never inside a trace
 
-    def trace():
+    def trace(views):
         # A function object of its own for each shape: MLX keys a compiled function's traces by
-        # the function, and drops them with it.
+        # the function, and drops them with it. `views`: how the step sees each kind of cache.
         @mx.compile
-        def step(ids, per_layer_rows, positions, buffers):
+        def step(ids, per_layer_rows, positions, states):
             # positions: the new token's position, then each cache's slot for it.
-            caches = [SlotCache(keys, values, positions[0], positions[i + 1 : i + 2], window)
-                      for i, ((keys, values), window) in enumerate(zip(buffers, windows))]
+            caches = [view(state, positions[0], positions[i + 1 : i + 2])
+                      for i, (view, state) in enumerate(zip(views, states))]
             hidden = text(ids, caches, model.embed(ids), per_layer_inputs=per_layer_rows, plan=plan)
-            return hidden, [(c.keys, c.values) for c in caches]
+            return hidden, [c.state for c in caches]
 
         return step
 
@@ -60,15 +59,16 @@ def compiled_step(model, plan: Plan) -> Callable[[mx.array, list], mx.array]:
     def run(ids: mx.array, cache: list) -> mx.array:
         rows = text.per_layer_inputs(ids)  # the lazy table reads its rows on the host
         positions = mx.array([cache[0].offset] + [c.claim() for c in cache], mx.int32)
-        shapes = (ids.shape, *(c.keys.shape for c in cache))
-        step = traces.pop(shapes, None) or trace()
+        # The buffers' shapes tell float from quantized caches (and their widths) apart.
+        shapes = (ids.shape, *(tuple(a.shape for a in c.state) for c in cache))
+        step = traces.pop(shapes, None) or trace([c.slot_view() for c in cache])
         traces[shapes] = step
         if len(traces) > TRACES_KEPT:
             traces.popitem(last=False)
-        hidden, buffers = step(ids, rows, positions, [(c.keys, c.values) for c in cache])
+        hidden, states = step(ids, rows, positions, [c.state for c in cache])
         # The caches let go of the old buffers before anything runs, so that the step writes in place.
-        for c, (keys, values) in zip(cache, buffers):
-            c.keys, c.values = keys, values
+        for c, state in zip(cache, states):
+            c.state = state
         return hidden
 
     return run

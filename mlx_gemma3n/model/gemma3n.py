@@ -64,8 +64,8 @@ class Gemma3n(nn.Module):
 
     def decode(self, ids: mx.array, cache: list, plan: Plan | None = None) -> mx.array:
         """Logits for one new token per sequence, `ids` (B, 1), continuing `cache`: the same as
-        calling the model, through one compiled function (`model/decode.py`) when the caches are
-        float ones that already hold positions. A plan's first call runs uncompiled, so that
+        calling the model, through one compiled function (`model/decode.py`) when the caches
+        already hold positions (float or quantized). A plan's first call runs uncompiled, so that
         whatever a layer sets up on first use (a MatFormer width's split) happens outside a trace."""
         plan = plan or self.language_model.plan
         if not compilable(cache):
