@@ -1,7 +1,7 @@
 """Which way to multiply by a quantized weight on the CPU back-end, by number of rows: MLX's
 quantized kernel in the model's dtype, the same kernel in float32, or the float GEMM (BLAS) with
-the weight dequantized by MLX (whole; in the input's dtype or float32) or by us (in blocks, float32). The E2B shapes; the
-threshold in `mlx_gemma3n/model/quantized.py` comes from this table.
+the weight dequantized by MLX (whole; in the input's dtype or float32) or by us (in blocks, float32).
+The E2B shapes; the threshold in `mlx_gemma3n/model/quantized.py` comes from this table.
 
     export LD_PRELOAD=$(dpkg -L libopenblas0-pthread | grep '/libblas.so.3$')
     python benchmarks/cpu_quantized_matmul.py [--head]
@@ -51,7 +51,8 @@ def methods(layer: nn.QuantizedLinear):
         return (x.astype(mx.float32) @ w.T).astype(x.dtype)
 
     return {"kernel": layer, "kernel f32": lambda x: kernel_product_f32(x, layer),
-            "MLX dequantize": mlx_dequantize, "MLX dequantize f32": mlx_dequantize_f32, "ours": lambda x: dequantized_product(x, layer)}
+            "MLX dequantize": mlx_dequantize, "MLX dequantize f32": mlx_dequantize_f32,
+            "ours": lambda x: dequantized_product(x, layer)}
 
 
 def main(argv=None) -> int:

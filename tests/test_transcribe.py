@@ -95,7 +95,8 @@ def test_the_prompt_is_asked_with_every_clip(loaded, monkeypatch):
 
     monkeypatch.setattr(transcription, "stream_generate", spy)
     model, tokenizer = loaded
-    result = transcribe(model, tokenizer, bursts(45.0), language="English", prompt="Okonjo-Iweala", max_tokens_per_clip=2)
+    result = transcribe(model, tokenizer, bursts(45.0), language="English", prompt="Okonjo-Iweala",
+                        max_tokens_per_clip=2)
     assert len(result.segments) >= 2
     assert asked == [instruction("English", prompt="Okonjo-Iweala")] * len(result.segments)
 

@@ -62,7 +62,8 @@ def dequantized_product(x: mx.array, layer: nn.Module) -> mx.array:
     x32 = x.astype(mx.float32)
 
     def product(rows: slice) -> mx.array:
-        return (x32 @ dequantize_f32(w[rows], scales[rows], biases[rows], layer.group_size, layer.bits).T).astype(x.dtype)
+        weight = dequantize_f32(w[rows], scales[rows], biases[rows], layer.group_size, layer.bits)
+        return (x32 @ weight.T).astype(x.dtype)
 
     step = max(1, BLOCK_WEIGHTS * layer.bits // (32 * w.shape[-1]))
     return in_row_blocks(product, w.shape[0], step)

@@ -33,7 +33,7 @@ DEFAULT_MAX_TOKENS = 512
 # evaluation per layer) sets the speed. H200, E2B 4-bit, a 2048-token prompt
 # (`benchmarks/step_profile.py`): 2.6k tokens/s at 128 a step (peak 1.50 GB), 6.9k at 512 (1.63
 # GB), 11.7k at 2048 (2.11 GB). The 2-core CPU gains little past 128 tokens a step and holds
-# more: a 512-token E2B prompt took 34.8 s at 128 (1.52 GB), 29-30 s at 256 or 512 (1.58-1.64 GB).
+# more: a 512-token E2B prompt took 34.5 s at 128 (1.49 GB), 32.3 s at 256 (1.52), 31.3 s at 512 (1.60).
 PREFILL_STEP_SIZE = {"cpu": 128, "gpu": 512}
 
 
