@@ -58,33 +58,34 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants: {', '.join(unknown)}")
 
-    work = Path(tempfile.mkdtemp(prefix="first-image-"))
-    model = args.model
-    if model is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from checkpoints import make_checkpoint
+    with tempfile.TemporaryDirectory(prefix="first-image-") as scratch:
+        work = Path(scratch)
+        model = args.model
+        if model is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+            from checkpoints import make_checkpoint
 
-        model = str(work / "tiny-gemma3n")
-        make_checkpoint(Path(model))
-    image = work / "picture.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(image)
+            model = str(work / "tiny-gemma3n")
+            make_checkpoint(Path(model))
+        image = work / "picture.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(image)
 
-    results = {v: ([], []) for v in variants}
-    for r in range(args.runs):
+        results = {v: ([], []) for v in variants}
+        for r in range(args.runs):
+            for v in variants:
+                wall, towers = one_run(model, image, VARIANTS[v], args.max_tokens)
+                results[v][0].append(wall)
+                results[v][1].append(towers)
+                print(f"run {r + 1}/{args.runs} {v:>9}: {wall:.1f} s ({towers:.1f} s in the vision tower)", flush=True)
+
+        print(f"\none image through generate, {args.runs} processes each, median (min, max):")
+        print(f"{'flags':>9}  {'launch to exit':>30}  {'in the vision tower':>30}")
         for v in variants:
-            wall, towers = one_run(model, image, VARIANTS[v], args.max_tokens)
-            results[v][0].append(wall)
-            results[v][1].append(towers)
-            print(f"run {r + 1}/{args.runs} {v:>9}: {wall:.1f} s ({towers:.1f} s in the vision tower)", flush=True)
-
-    print(f"\none image through generate, {args.runs} processes each, median (min, max):")
-    print(f"{'flags':>9}  {'launch to exit':>30}  {'in the vision tower':>30}")
-    for v in variants:
-        walls, towers = results[v]
-        print(f"{v:>9}  {summary(walls):>30}  {summary(towers):>30}")
-    if len(variants) == 2:
-        a, b = (statistics.median(results[v][0]) for v in variants)
-        print(f"\n{variants[1]} takes {b / a:.1f}x as long as {variants[0]}")
+            walls, towers = results[v]
+            print(f"{v:>9}  {summary(walls):>30}  {summary(towers):>30}")
+        if len(variants) == 2:
+            a, b = (statistics.median(results[v][0]) for v in variants)
+            print(f"\n{variants[1]} takes {b / a:.1f}x as long as {variants[0]}")
 
 
 if __name__ == "__main__":

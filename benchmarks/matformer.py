@@ -56,6 +56,27 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
+def measure_presets(args, work: Path) -> list:
+    """(preset, standalone runs, elastic runs) for each preset; the standalone slices are written under `work`."""
+    from mlx_gemma3n.slicing import slice_checkpoint
+    from mlx_gemma3n.submodel import Submodel
+
+    rows = []
+    for preset in args.presets.split(","):
+        if preset.upper() == "E4B":
+            standalone = args.model
+        else:
+            standalone = work / preset
+            if not (standalone / "config.json").exists():
+                slice_checkpoint(args.model, standalone, Submodel.preset(preset), show_progress=False)
+        alone = [run(args, str(standalone), None) for _ in range(args.runs)]
+        elastic = [run(args, args.model, preset) for _ in range(args.runs)]
+        rows.append((preset, alone, elastic))
+        print(f"{preset}: standalone {spread([r['decode_tps'] for r in alone])} tok/s, "
+              f"elastic {spread([r['decode_tps'] for r in elastic])} tok/s", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="an E4B checkpoint (ours, quantized or not)")
@@ -73,23 +94,8 @@ def main(argv=None) -> int:
     if not args.model:
         parser.error("--model is required")
 
-    from mlx_gemma3n.slicing import slice_checkpoint
-    from mlx_gemma3n.submodel import Submodel
-
-    work = args.work or Path(tempfile.mkdtemp(prefix="matformer-"))
-    rows = []
-    for preset in args.presets.split(","):
-        if preset.upper() == "E4B":
-            standalone = args.model
-        else:
-            standalone = work / preset
-            if not (standalone / "config.json").exists():
-                slice_checkpoint(args.model, standalone, Submodel.preset(preset), show_progress=False)
-        alone = [run(args, str(standalone), None) for _ in range(args.runs)]
-        elastic = [run(args, args.model, preset) for _ in range(args.runs)]
-        rows.append((preset, alone, elastic))
-        print(f"{preset}: standalone {spread([r['decode_tps'] for r in alone])} tok/s, "
-              f"elastic {spread([r['decode_tps'] for r in elastic])} tok/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="matformer-") as scratch:
+        rows = measure_presets(args, args.work or Path(scratch))
 
     print(f"\n{args.prompt_tokens}-token prompt, {args.gen_tokens} tokens decoded greedily; median (min-max) of "
           f"{args.runs} processes each\n")

@@ -66,43 +66,44 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--levels", default="1,4,16")
     args = parser.parse_args()
-    model = args.model
-    if model is None:
-        sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-        from checkpoints import make_checkpoint
+    with tempfile.TemporaryDirectory(prefix="server-load-") as scratch:
+        model = args.model
+        if model is None:
+            sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+            from checkpoints import make_checkpoint
 
-        model = str(Path(tempfile.mkdtemp()) / "tiny-gemma3n")
-        make_checkpoint(Path(model))
-    process, url = start_server(model)
-    try:
-        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-        one_chat(client, "warm up", args.max_tokens)
-        time.sleep(1.0)
-        idle = rss_mb(process.pid)
-        rows = []
-        for level in map(int, args.levels.split(",")):
-            peak, rates, firsts = idle, [], []
-            for r in range(args.rounds):
-                prompts = [f"hello world {level} {r} {i}" for i in range(level)]
-                done = threading.Event()
+            model = str(Path(scratch) / "tiny-gemma3n")
+            make_checkpoint(Path(model))
+        process, url = start_server(model)
+        try:
+            client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+            one_chat(client, "warm up", args.max_tokens)
+            time.sleep(1.0)
+            idle = rss_mb(process.pid)
+            rows = []
+            for level in map(int, args.levels.split(",")):
+                peak, rates, firsts = idle, [], []
+                for r in range(args.rounds):
+                    prompts = [f"hello world {level} {r} {i}" for i in range(level)]
+                    done = threading.Event()
 
-                def sample():
-                    nonlocal peak
-                    while not done.wait(0.05):
-                        peak = max(peak, rss_mb(process.pid))
+                    def sample():
+                        nonlocal peak
+                        while not done.wait(0.05):
+                            peak = max(peak, rss_mb(process.pid))
 
-                sampler = threading.Thread(target=sample)
-                sampler.start()
-                began = time.perf_counter()
-                with ThreadPoolExecutor(level) as pool:
-                    firsts += list(pool.map(lambda p: one_chat(client, p, args.max_tokens), prompts))
-                rates.append(level / (time.perf_counter() - began))
-                done.set()
-                sampler.join()
-            rows.append((level, rates, firsts, peak))
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+                    sampler = threading.Thread(target=sample)
+                    sampler.start()
+                    began = time.perf_counter()
+                    with ThreadPoolExecutor(level) as pool:
+                        firsts += list(pool.map(lambda p: one_chat(client, p, args.max_tokens), prompts))
+                    rates.append(level / (time.perf_counter() - began))
+                    done.set()
+                    sampler.join()
+                rows.append((level, rates, firsts, peak))
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
     print(f"server: {model}, {args.max_tokens} tokens per reply, {args.rounds} rounds per level; idle RSS {idle:.0f} MB")
     print(f"{'clients':>7} | {'requests/s (median, min-max)':>29} | {'first token p50 / p95 (s)':>25} | peak RSS (MB)")
     for level, rates, firsts, peak in rows:
