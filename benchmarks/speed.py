@@ -1,5 +1,5 @@
 """Speed of our Gemma 3n beside mlx-lm's and mlx-vlm's on the same checkpoint and prompt ids:
-decode tok/s, prefill tok/s, time to first token, peak memory, each the median of several
+decode tok/s, prefill tok/s, time to first token, peak memory (MLX's and the process's RSS), each the median of several
 processes with the min-max spread; and the graph primitives one decoded token evaluates.
 
     python benchmarks/random_checkpoint.py --size E2B --out /tmp/gemma3n-E2B-random
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -127,8 +128,17 @@ def measure(runtime: str, path: str, dtype, prompt: list[int], gen_tokens: int, 
         tokens.append(int(token))
     end = time.perf_counter()
     return dict(ttft_s=first - start, prefill_tps=len(prompt) / (first - start),
-                decode_tps=(len(tokens) - 1) / (end - first), peak_gb=mx.get_peak_memory() / 1e9, tokens=tokens,
-                weight_bytes=weight_bytes(model))
+                decode_tps=(len(tokens) - 1) / (end - first), peak_gb=mx.get_peak_memory() / 1e9,
+                rss_gb=peak_rss_bytes() / 1e9, tokens=tokens, weight_bytes=weight_bytes(model))
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory: on a CPU and in a Mac's unified memory everything, on
+    a GPU with memory of its own the host's share (the Python side, the tokenizer, staging)."""
+    status = Path("/proc/self/status")
+    if status.exists():  # Linux: getrusage's peak survives exec, so a child would report its parent's
+        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
 
 
 def decode_primitives(model, make_cache, token: int = 7, compiled: bool = False) -> tuple[int, int]:
@@ -261,7 +271,8 @@ def main(argv=None) -> int:
     speed = bandwidth()
     print(f"device {mx.default_device()} ({speed / 1e9:.0f} GB/s measured), dtype {args.dtype}, prompt "
           f"{args.prompt_tokens} tokens, {args.gen_tokens} generated, median [min-max] of {args.runs} processes")
-    print(f"{'runtime':<26} {'decode tok/s':>22} {'prefill tok/s':>24} {'TTFT s':>20} {'peak GB':>18} {'% of floor':>10}")
+    print(f"{'runtime':<26} {'decode tok/s':>22} {'prefill tok/s':>24} {'TTFT s':>20} {'MLX peak GB':>18} "
+          f"{'peak RSS GB':>18} {'% of floor':>10}")
     tokens = {}
     for runtime in args.runtimes.split(","):
         runs = []
@@ -292,7 +303,7 @@ def main(argv=None) -> int:
         # The weight-streaming floor: a token cannot be faster than reading the weights once.
         floor = 100 * statistics.median(r["decode_tps"] for r in runs) * runs[0]["weight_bytes"] / speed
         print(f"{runtime:<26} {cell('decode_tps'):>22} {cell('prefill_tps'):>24} {cell('ttft_s', '{:.3f}'):>20} "
-              f"{cell('peak_gb'):>18} {floor:>9.1f}%", flush=True)
+              f"{cell('peak_gb'):>18} {cell('rss_gb'):>18} {floor:>9.1f}%", flush=True)
     mine = next((t for r, t in tokens.items() if r.startswith("mlx_gemma3n")), None)
     for runtime, theirs in tokens.items():
         if mine and not runtime.startswith("mlx_gemma3n"):
