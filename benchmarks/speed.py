@@ -35,14 +35,18 @@ VIEWS = {"Broadcast", "Reshape", "Slice", "Transpose", "ExpandDims", "Squeeze", 
          "View", "StopGradient"}
 
 
-def primitives(*outputs) -> tuple[int, int]:
-    """(kernels, all primitives) that computing the lazy `outputs` evaluates."""
+def primitives(*outputs) -> Counter:
+    """The primitives, by name, that computing the lazy `outputs` evaluates."""
     import tempfile
 
     with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
         mx.export_to_dot(f.name, *outputs)
-        counts = Counter(re.findall(r'label ="(\w+)"', Path(f.name).read_text()))
-    return sum(n for name, n in counts.items() if name not in VIEWS), sum(counts.values())
+        return Counter(re.findall(r'label ="(\w+)"', Path(f.name).read_text()))
+
+
+def kernels(counts: Counter) -> Counter:
+    """Those of the primitives `counts` that launch a kernel of their own."""
+    return Counter({name: n for name, n in counts.items() if name not in VIEWS})
 
 
 def load(runtime: str, path: str, dtype):
@@ -141,8 +145,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
 
 
-def decode_primitives(model, make_cache, token: int = 7, compiled: bool = False) -> tuple[int, int]:
-    """Kernels and primitives of one greedy decode step after a short prompt; `compiled`: our
+def decode_primitives(model, make_cache, token: int = 7, compiled: bool = False) -> Counter:
+    """The primitives of one greedy decode step after a short prompt; `compiled`: our
     compiled step (`Gemma3n.decode`, whose first call runs op by op). Our CPU path runs a large
     quantized product (the head) in blocks, each evaluated before the next: switched off here,
     since it would evaluate the very graph being counted (it adds only a product and two casts
@@ -231,9 +235,11 @@ def print_primitives(path: str | None, dtype) -> None:
     rows.append(("mlx_gemma3n (E2B shape, 4-bit)", decode_primitives(model, model.make_cache)))
     rows.append(("  the same, compiled step", decode_primitives(model, model.make_cache, compiled=True)))
     print(f"device {mx.default_device()}; one greedy decode step")
-    print(f"{'model':<40} {'kernels':>8} {'primitives':>11}")
-    for name, (kernels, total) in rows:
-        print(f"{name:<40} {kernels:>8} {total:>11}")
+    print(f"{'model':<40} {'kernels':>8} {'primitives':>11}   the most frequent kernels")
+    for name, counts in rows:
+        launched = kernels(counts)
+        common = ", ".join(f"{n} {kernel[:40]}" for kernel, n in launched.most_common(8))
+        print(f"{name:<40} {sum(launched.values()):>8} {sum(counts.values()):>11}   {common}")
 
 
 def main(argv=None) -> int:

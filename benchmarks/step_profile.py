@@ -12,10 +12,8 @@ Times are medians over the tokens of one process (`speed.py` compares runtimes a
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,14 +22,11 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import VIEWS  # noqa: E402
+from speed import kernels, primitives  # noqa: E402
 
 
 def kernels_by_name(*outputs) -> Counter:
-    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
-        mx.export_to_dot(f.name, *outputs)
-        counts = Counter(re.findall(r'label ="(\w+)"', Path(f.name).read_text()))
-    return Counter({k: v for k, v in counts.items() if k not in VIEWS})
+    return kernels(primitives(*outputs))
 
 
 def decode(model, prompt: list[int], tokens: int, compiled: bool) -> dict:
