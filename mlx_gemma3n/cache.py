@@ -208,11 +208,17 @@ class SlotCache:
         self.keys, self.values, self.offset, self.slot, self.window = keys, values, position, slot, window
 
     def mask(self, n: int) -> mx.array:
+        """The slots the query sees, as a (1, slots) additive mask: 0, or -inf for a slot not yet
+        written or out of the window, in the dtype of the scores it is added to."""
         held = mx.arange(self.state[0].shape[2])
         visible = held <= self.slot
         if self.window is not None:
             visible = visible & (held > self.slot - self.window)
-        return visible[None]
+        return mx.where(visible, 0.0, -mx.inf).astype(self.scores_dtype)[None]
+
+    @property
+    def scores_dtype(self):
+        return self.keys.dtype
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
@@ -231,6 +237,8 @@ class QuantizedSlotCache(SlotCache):
     def __init__(self, buffers: list[mx.array], position: mx.array, slot: mx.array, group_size: int, bits: int):
         self.buffers, self.offset, self.slot, self.window = buffers, position, slot, None
         self.group_size, self.bits = group_size, bits
+
+    scores_dtype = mx.float32  # `attend_quantized`'s softmax
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[QuantizedKV, QuantizedKV]:
         new = [*mx.quantize(keys, self.group_size, self.bits), *mx.quantize(values, self.group_size, self.bits)]
@@ -349,6 +357,8 @@ def attend(queries: mx.array, keys, values, scale: float, mask) -> mx.array:
     if mx.default_device() == mx.cpu and queries.shape[2] > 1 and keys.shape[2] > KEY_BLOCK:
         return attend_in_key_blocks(queries, keys, values, scale, mask)
     if not isinstance(keys, QuantizedKV):
+        if queries.shape[2] == 1 and isinstance(mask, mx.array) and mask.dtype != mx.bool_ and _unfused_masked_attention():
+            return attend_one_query(queries, keys, values, scale, mask)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     # Decode through MLX's quantized kernel, prompt chunks dequantized. On the CPU, at 4k and 16k
     # positions: one query per head, 19 and 71 ms against 58 and 184; 128 queries, 2.3 and 9.5 s
@@ -357,6 +367,27 @@ def attend(queries: mx.array, keys, values, scale: float, mask) -> mx.array:
     if queries.shape[2] == 1 and not isinstance(mask, str):
         return attend_quantized(queries, keys, values, scale, mask)
     return attend_dequantized(queries, keys, values, scale, mask)
+
+
+def _unfused_masked_attention() -> bool:
+    """Whether MLX's attention of one query over an array mask is its general graph (a scale
+    multiply, the product, a select or add for the mask, softmax, the weighted sum): on the CPU,
+    and on CUDA for every head size (MLX 0.32.4, seen on an H100). Metal, with fused one-query
+    kernels, keeps MLX's attention."""
+    return mx.default_device() == mx.cpu or mx.cuda.is_available()
+
+
+def attend_one_query(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: mx.array) -> mx.array:
+    """One query per head over float keys and values with an additive `mask`: the scaled scores
+    and the mask in one GEMM (`addmm`), the softmax, the weighted sum. Three kernels, where MLX's
+    general attention graph takes five."""
+    B, H, L, D = queries.shape
+    kv_heads = keys.shape[1]
+    # Each key/value head serves H / kv_heads consecutive query heads: they become its rows.
+    grouped = queries.reshape(B, kv_heads, H // kv_heads * L, D)
+    scores = mx.addmm(mask, grouped, keys.swapaxes(-1, -2), alpha=scale)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights @ values).reshape(B, H, L, D)
 
 
 def _compute_dtype(x: mx.array):
@@ -414,9 +445,9 @@ def _positions_f32(keys_or_values, block: slice) -> mx.array:
 
 
 def attend_quantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, scale: float,
-                     visible: mx.array | None = None) -> mx.array:
-    """One query per head through MLX's quantized kernel, softmax in float32; `visible`, a
-    boolean (1, keys) row, hides the keys it marks False (slots of a buffer not yet written)."""
+                     mask: mx.array | None = None) -> mx.array:
+    """One query per head through MLX's quantized kernel, softmax in float32; `mask`, a (1, keys)
+    row, hides the keys where it is False or -inf (slots of a buffer not yet written)."""
     B, H, L, D = queries.shape
     kv_heads = keys.shape[1]
     # Each key/value head serves H / kv_heads consecutive query heads: they become its rows.
@@ -424,8 +455,8 @@ def attend_quantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, 
     scores = keys.matmul(grouped, transpose=True).astype(mx.float32)
     if scale != 1.0:
         scores = scores * scale
-    if visible is not None:
-        scores = mx.where(visible, scores, -mx.inf)
+    if mask is not None:
+        scores = mx.where(mask, scores, -mx.inf) if mask.dtype == mx.bool_ else scores + mask
     weights = mx.softmax(scores, axis=-1).astype(grouped.dtype)
     return values.matmul(weights, transpose=False).reshape(B, H, L, D).astype(queries.dtype)
 

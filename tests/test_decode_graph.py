@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_gemma3n.cache import SlotCache, attend, reserve
 from mlx_gemma3n.loading import load_model
 from mlx_gemma3n.model.text import TextModel, fuse_for_inference
 from mlx_gemma3n.plan import Plan
@@ -22,6 +23,9 @@ VIEWS = {"Broadcast", "Reshape", "Slice", "Transpose", "ExpandDims", "Squeeze", 
 # norms are made of several primitives each): 594 kernels with the AltUp coefficients elementwise
 # and gate/up merged, 642 before those, 1310 before the compiled chains.
 TINY_DECODE_KERNELS = 620
+# The same step compiled whole (`Gemma3n.decode`), attending over the reserved cache's slots:
+# 587, 603 while MLX's general attention graph masked them (a multiply and a select per layer).
+TINY_COMPILED_DECODE_KERNELS = 595
 
 
 def kernels(tmp_path, *outputs) -> int:
@@ -175,6 +179,37 @@ def test_a_decoded_token_evaluates_few_primitives(fused, tmp_path):
     mx.eval(fused(mx.array([PROMPT]), cache=cache))
     step = mx.argmax(fused(mx.array([[PROMPT[-1]]]), cache=cache)[:, -1], axis=-1)
     assert kernels(tmp_path, step) <= TINY_DECODE_KERNELS
+
+
+def test_a_compiled_decoded_token_evaluates_few_primitives(tiny, tmp_path):
+    # A model of its own: once a sub-model has run, each down_proj is stored in two blocks of its
+    # inputs (`SplitColumns`), which the full width then runs as two products and a sum.
+    fused = load_model(tiny[0], dtype=mx.float32)[0]
+    fuse_for_inference(fused)
+    cache = fused.make_cache()
+    reserve(cache, len(PROMPT) + 4)  # as a reply does: no buffer grows inside the counted step
+    mx.eval(fused(mx.array([PROMPT]), cache=cache))
+    for token in PROMPT[-2:]:  # the first call traces, op by op
+        mx.eval(fused.decode(mx.array([[token]]), cache), [c.state for c in cache])
+    step = mx.argmax(fused.decode(mx.array([[PROMPT[-3]]]), cache)[:, -1], axis=-1)
+    assert kernels(tmp_path, step) <= TINY_COMPILED_DECODE_KERNELS
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_one_query_over_masked_slots_equals_mlx_attention(window, dtype):
+    """The compiled step's attention (scores and mask in one product) against MLX's, grouped
+    queries (8 heads over 2), slots 0-9 written of 16, the query at slot 9."""
+    q, k, v = (mx.random.normal(shape, key=mx.random.key(i)).astype(dtype)
+               for i, shape in enumerate([(1, 8, 1, 32), (1, 2, 16, 32), (1, 2, 16, 32)]))
+    cache = SlotCache(k, v, mx.array(9), mx.array(9), window)
+    held = mx.arange(16)
+    visible = (held <= 9) & (held > 9 - window if window else True)
+    ours = attend(q, k, v, scale=0.5, mask=cache.mask(1))
+    theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask=visible[None])
+    tolerance = 1e-5 if dtype == mx.float32 else 2e-2
+    assert ours.dtype == dtype
+    assert mx.abs(ours.astype(mx.float32) - theirs.astype(mx.float32)).max().item() < tolerance
 
 
 def test_top_k_draws_follow_the_warped_distribution():
