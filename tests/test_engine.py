@@ -186,3 +186,28 @@ def test_a_program_that_used_the_model_from_several_threads_exits_cleanly_every_
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.split()[-1] == "6"
+
+
+MODELS_FREED_AS_THE_ENGINE_IDLES_OUT = """
+import gc, time
+import mlx.core as mx
+from mlx_gemma3n import generate, load
+from mlx_gemma3n.runtime.engine import IDLE_SECONDS
+for i in range(12):
+    model, tokenizer = load({path!r}, dtype=mx.float32)
+    generate(model, tokenizer, "hello world", temperature=0.0, max_tokens=4)
+    time.sleep(IDLE_SECONDS - 0.05 + (i % 10) * 0.01)  # free the model as the engine's thread ends
+    del model, tokenizer
+    gc.collect()
+time.sleep(2 * IDLE_SECONDS)  # the last engine thread ends before the interpreter does
+print("done")
+"""
+
+
+def test_a_model_freed_while_its_engine_thread_ends_does_not_hang_the_program(tiny):
+    """MLX keeps a compiled function's traces in the tracing thread's cache; the engine's thread
+    frees the decode steps it traced itself, before it clears its streams (`model/decode.py`).
+    Before, this program hung within its first five models (twice in two runs)."""
+    code = MODELS_FREED_AS_THE_ENGINE_IDLES_OUT.format(path=str(tiny[0]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "done", done.stderr[-2000:]

@@ -14,6 +14,7 @@ on the host and the output head runs after the step, outside it (on a CPU it eva
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -35,6 +36,26 @@ def compilable(cache) -> bool:
 TRACES_KEPT = 4
 
 
+# A compiled function's traces live in the cache of the thread that traced it. Freed by another
+# thread (a model freed elsewhere), a trace is erased from that cache under the cache's lock, the
+# GIL held; a thread clearing its streams (`mx.clear_streams()`, before it ends) holds the lock
+# while it waits for the GIL to free the traces' Python objects: the two would wait for each
+# other. So a thread that will clear its streams owns the steps it traces, and frees them itself.
+_owner = threading.local()
+
+
+def own_traces_until_thread_ends() -> None:
+    """Keep the compiled steps this thread traces alive until `free_this_threads_traces`."""
+    _owner.steps = []
+
+
+def free_this_threads_traces() -> None:
+    """Free, on this thread, the compiled steps it traced (call before `mx.clear_streams()`)."""
+    steps = getattr(_owner, "steps", None)
+    if steps is not None:
+        steps.clear()
+
+
 def compiled_step(model, plan: Plan) -> Callable[[mx.array, list], mx.array]:
     """A function (ids (B, 1), caches) -> final hidden states, the caches advanced by one
     position: `model`'s text decoder under `plan`, compiled."""
@@ -54,17 +75,23 @@ def compiled_step(model, plan: Plan) -> Callable[[mx.array, list], mx.array]:
 
         return step
 
-    traces = OrderedDict()  # (ids shape, buffer shapes) -> its compiled step, the most recently used last
+    traces = OrderedDict()  # (thread, ids shape, buffer shapes) -> its compiled step, the most recently used last
 
     def run(ids: mx.array, cache: list) -> mx.array:
         rows = text.per_layer_inputs(ids)  # the lazy table reads its rows on the host
         positions = mx.array([cache[0].offset] + [c.claim() for c in cache], mx.int32)
         # The buffers' shapes tell float from quantized caches (and their widths) apart.
-        shapes = (ids.shape, *(tuple(a.shape for a in c.state) for c in cache))
-        step = traces.pop(shapes, None) or trace([c.slot_view() for c in cache])
+        shapes = (threading.get_ident(), ids.shape, *(tuple(a.shape for a in c.state) for c in cache))
+        step = traces.pop(shapes, None)
+        if step is None:
+            step = trace([c.slot_view() for c in cache])
+            if hasattr(_owner, "steps"):
+                _owner.steps.append(step)
         traces[shapes] = step
         if len(traces) > TRACES_KEPT:
-            traces.popitem(last=False)
+            (thread, *_), dropped = traces.popitem(last=False)
+            if thread == threading.get_ident() and dropped in getattr(_owner, "steps", ()):
+                _owner.steps.remove(dropped)
         hidden, states = step(ids, rows, positions, [c.state for c in cache])
         # The caches let go of the old buffers before anything runs, so that the step writes in place.
         for c, state in zip(cache, states):

@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 import mlx.core as mx
 
 from ..errors import Cancelled
+from ..model.decode import free_this_threads_traces, own_traces_until_thread_ends
 
 T = TypeVar("T")
 
@@ -189,6 +190,7 @@ class Engine:
         return [j for j in self._active if j.cancelled or len(j.results) < AHEAD]
 
     def _serve(self) -> None:
+        own_traces_until_thread_ends()
         try:
             while True:
                 with self._cond:
@@ -210,8 +212,10 @@ class Engine:
                 if self._waiting or self._active:  # arrived while we were leaving
                     self._start_thread()
             # Before the thread ends: MLX keeps a thread's streams after it, and left to
-            # interpreter exit they abort the process now and then.
+            # interpreter exit they abort the process now and then. The compiled steps this
+            # thread traced are freed first, here (see `model/decode.py`).
             mx.synchronize()
+            free_this_threads_traces()
             mx.clear_streams()
 
     def _step(self, job: _Job) -> None:
