@@ -1,6 +1,7 @@
 """Speed of our Gemma 3n beside mlx-lm's and mlx-vlm's on the same checkpoint and prompt ids:
-decode tok/s, prefill tok/s, time to first token, peak memory (MLX's and the process's RSS), each the median of several
-processes with the min-max spread; and the graph primitives one decoded token evaluates.
+decode tok/s, prefill tok/s, time to first token, peak memory (MLX's and the process's RSS), each
+the median of several processes with the min-max spread; and the graph primitives one decoded
+token evaluates.
 
     python benchmarks/random_checkpoint.py --size E2B --out /tmp/gemma3n-E2B-random
     python benchmarks/speed.py --model /tmp/gemma3n-E2B-random --warmup
@@ -141,7 +142,8 @@ def peak_rss_bytes() -> int:
     a GPU with memory of its own the host's share (the Python side, the tokenizer, staging)."""
     status = Path("/proc/self/status")
     if status.exists():  # Linux: getrusage's peak survives exec, so a child would report its parent's
-        return next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        peak = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(peak.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
 
 

@@ -357,7 +357,8 @@ def attend(queries: mx.array, keys, values, scale: float, mask) -> mx.array:
     if mx.default_device() == mx.cpu and queries.shape[2] > 1 and keys.shape[2] > KEY_BLOCK:
         return attend_in_key_blocks(queries, keys, values, scale, mask)
     if not isinstance(keys, QuantizedKV):
-        if queries.shape[2] == 1 and isinstance(mask, mx.array) and mask.dtype != mx.bool_ and _unfused_masked_attention():
+        additive = isinstance(mask, mx.array) and mask.dtype != mx.bool_
+        if queries.shape[2] == 1 and additive and _unfused_masked_attention():
             return attend_one_query(queries, keys, values, scale, mask)
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     # Decode through MLX's quantized kernel, prompt chunks dequantized. On the CPU, at 4k and 16k
