@@ -29,8 +29,8 @@ def compilable(cache) -> bool:
     return bool(cache) and all(type(c) in (KVCache, SlidingWindowCache, QuantizedKVCache) and c.state for c in cache)
 
 
-# Traces kept per plan, one per shape of the caches' buffers (each reply's reservation may differ).
-# Each holds about 8 MB for E2B (8 replies of different lengths on a CPU: 58 MB more resident with
+# Traces kept per plan and thread, one per shape of the caches' buffers (each reply's reservation
+# may differ). Each holds about 8 MB for E2B (8 replies of different lengths on a CPU: 58 MB more resident with
 # every trace kept, 26 MB with 4), so the least recently used is dropped. More than one, so that
 # requests stepped in turn by the engine do not retrace at every token.
 TRACES_KEPT = 4
@@ -40,20 +40,23 @@ TRACES_KEPT = 4
 # thread (a model freed elsewhere), a trace is erased from that cache under the cache's lock, the
 # GIL held; a thread clearing its streams (`mx.clear_streams()`, before it ends) holds the lock
 # while it waits for the GIL to free the traces' Python objects: the two would wait for each
-# other. So a thread that will clear its streams owns the steps it traces, and frees them itself.
+# other. So a thread that will clear its streams holds on to the trace tables it added steps to
+# (no other thread can then free them) and frees its own steps itself.
 _owner = threading.local()
 
 
 def own_traces_until_thread_ends() -> None:
-    """Keep the compiled steps this thread traces alive until `free_this_threads_traces`."""
-    _owner.steps = []
+    """Hold the steps this thread traces until `free_this_threads_traces`."""
+    _owner.tables = []
 
 
 def free_this_threads_traces() -> None:
     """Free, on this thread, the compiled steps it traced (call before `mx.clear_streams()`)."""
-    steps = getattr(_owner, "steps", None)
-    if steps is not None:
-        steps.clear()
+    me = threading.get_ident()
+    for traces in getattr(_owner, "tables", ()):
+        for key in [k for k in traces if k[0] == me]:
+            del traces[key]
+    _owner.tables = []
 
 
 def compiled_step(model, plan: Plan) -> Callable[[mx.array, list], mx.array]:
@@ -85,13 +88,13 @@ def compiled_step(model, plan: Plan) -> Callable[[mx.array, list], mx.array]:
         step = traces.pop(shapes, None)
         if step is None:
             step = trace([c.slot_view() for c in cache])
-            if hasattr(_owner, "steps"):
-                _owner.steps.append(step)
+            tables = getattr(_owner, "tables", None)
+            if tables is not None and not any(t is traces for t in tables):
+                tables.append(traces)
         traces[shapes] = step
-        if len(traces) > TRACES_KEPT:
-            (thread, *_), dropped = traces.popitem(last=False)
-            if thread == threading.get_ident() and dropped in getattr(_owner, "steps", ()):
-                _owner.steps.remove(dropped)
+        mine = [k for k in traces if k[0] == shapes[0]]
+        if len(mine) > TRACES_KEPT:  # each thread drops only its own steps, so they are freed where traced
+            del traces[mine[0]]
         hidden, states = step(ids, rows, positions, [c.state for c in cache])
         # The caches let go of the old buffers before anything runs, so that the step writes in place.
         for c, state in zip(cache, states):
