@@ -215,14 +215,16 @@ def e2b_shaped_model(bits: int = 4, group_size: int = 64):
     return model
 
 
-def print_primitives(path: str | None, dtype) -> None:
+def print_primitives(path: str | None, dtype, paths: dict[str, str]) -> None:
+    """`paths`: another checkpoint for a runtime (`--model-for`)."""
     rows = []
     if path:
         for runtime in RUNTIMES[:2]:
+            checkpoint = paths.get(runtime, path)
             try:
-                model, _ = load(runtime, path, dtype)
+                model, _ = load(runtime, checkpoint, dtype)
             except Exception as e:  # a peer that cannot read this checkpoint's config dialect
-                print(f"{runtime} cannot load {path}: {type(e).__name__}: {e}")
+                print(f"{runtime} cannot load {checkpoint}: {type(e).__name__}: {e}")
                 continue
             if runtime == "mlx-lm":
                 from mlx_lm.models.cache import make_prompt_cache
@@ -230,7 +232,7 @@ def print_primitives(path: str | None, dtype) -> None:
                 make_cache = lambda: make_prompt_cache(model)  # noqa: E731
             else:
                 make_cache = model.make_cache
-            rows.append((f"{runtime} ({Path(path).name})", decode_primitives(model, make_cache)))
+            rows.append((f"{runtime} ({Path(checkpoint).name})", decode_primitives(model, make_cache)))
             if runtime == "mlx_gemma3n":
                 rows.append(("  the same, compiled step", decode_primitives(model, make_cache, compiled=True)))
     model = e2b_shaped_model()
@@ -263,14 +265,15 @@ def main(argv=None) -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a single measurement, as a child process
     args = parser.parse_args(argv)
     dtype = getattr(mx, args.dtype)
+    paths = dict(pair.split("=", 1) for pair in args.model_for)
     if args.primitives:
-        print_primitives(args.model, dtype)
+        print_primitives(args.model, dtype, paths)
         return 0
     if not args.model:
         parser.error("--model is required")
     prompt = np.random.default_rng(0).integers(3, 256_000, size=args.prompt_tokens).tolist()
     if args.one:
-        path = dict(pair.split("=", 1) for pair in args.model_for).get(args.one, args.model)
+        path = paths.get(args.one, args.model)
         print(json.dumps(measure(args.one, path, dtype, prompt, args.gen_tokens, args.warmup)))
         return 0
 
