@@ -124,7 +124,8 @@ class Engine:
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._active: list[_Job] = []
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the one serving; one that is leaving may still run
+        self._threads: list[threading.Thread] = []  # every thread started, until joined
         self._closed = False
         self._ids = itertools.count()
         _live_engines.add(self)
@@ -173,15 +174,24 @@ class Engine:
             for job in [*self._waiting, *self._active]:
                 job.cancelled = True
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        # Every thread, the one serving and any still leaving (an idle one ending, which no longer
+        # serves but may still be freeing its MLX streams: left running into interpreter exit,
+        # it aborts the process).
+        while True:
+            with self._cond:
+                self._threads = [t for t in self._threads if t.is_alive()]
+                others = [t for t in self._threads if t is not threading.current_thread()]
+            if not others:
+                return
+            for thread in others:
+                thread.join()
 
     # -- the engine's thread ---------------------------------------------------------
 
     def _start_thread(self) -> None:
         """(With the lock held.) Daemon: an engine never keeps a program from ending (see `_close_all`)."""
         self._thread = threading.Thread(target=self._serve, name=f"mlx_gemma3n-engine-{next(self._ids)}", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [self._thread]
         self._thread.start()
 
     def _runnable(self) -> list[_Job]:
