@@ -1,7 +1,8 @@
 """Where a decode step's and a prompt's time goes, for ours on this device: the host's graph
 building against evaluation, op by op against one compiled step, the Per-Layer-Embedding table
-read on the host per token against resident, and prompt chunks by size (with and without the
-per-layer evaluation and the cache clearing between chunks that keep a prompt's memory low).
+read on the host per token against resident, the compiled step through the engine as a program
+gets its tokens, and prompt chunks by size (with and without the per-layer evaluation and the
+cache clearing between chunks that keep a prompt's memory low).
 
     python benchmarks/random_checkpoint.py --size E2B --out /tmp/gemma3n-E2B-random
     python benchmarks/step_profile.py --model DIR   # an mlx-vlm or our 4-bit conversion of it
@@ -57,6 +58,21 @@ def decode(model, prompt: list[int], tokens: int, compiled: bool) -> dict:
                 pipelined_ms=1e3 * pipelined, tokens=out)
 
 
+def through_engine(model, tokenizer, prompt: list[int], tokens: int) -> float:
+    """Tokens/s after the first as a program gets them: `stream_tokens`, the engine's thread
+    running the compiled step and handing each token to this one (the second of two replies)."""
+    from mlx_gemma3n.runtime.generation import SamplingOptions, stream_tokens
+
+    eos, tokenizer.eos_token_ids = tokenizer.eos_token_ids, set()  # a random model may end at once
+    try:
+        for _ in range(2):
+            times = [time.perf_counter() for _ in stream_tokens(model, tokenizer, prompt, max_tokens=tokens + 1,
+                                                                 sampling=SamplingOptions(temperature=0.0))]
+    finally:
+        tokenizer.eos_token_ids = eos
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
 def prompt_seconds(model, tokenizer, prompt: list[int], step: int, runs: int = 3) -> tuple[float, float]:
     """Median time to the first token and peak MLX memory (GB) of `prompt` at `step` tokens a chunk."""
     from mlx_gemma3n.runtime.generation import SamplingOptions, stream_tokens
@@ -107,6 +123,9 @@ def main(argv=None) -> int:
             print(f"{'on disk' if lazy else 'resident':<10} {'compiled' if compiled else 'op by op':<9} "
                   f"{r['build_ms']:>9.2f} {r['eval_ms']:>8.2f} {1e3 / (r['build_ms'] + r['eval_ms']):>11.1f} "
                   f"{1e3 / r['pipelined_ms']:>16.1f}", flush=True)
+        engine = through_engine(model, tokenizer, prompt, args.tokens)
+        print(f"{'':<10} {'engine':<9} {'':>9} {'':>8} {engine:>11.1f} {'':>16}   (compiled, through stream_tokens)",
+              flush=True)
         same = next((i for i, (a, b) in enumerate(zip(tokens[False], tokens[True])) if a != b), len(tokens[True]))
         print(f"  compiled and op-by-op greedy tokens agree for {same}/{len(tokens[True])}")
         if lazy:
