@@ -1,8 +1,9 @@
 """Where a decode step's and a prompt's time goes, for ours on this device: the host's graph
 building against evaluation, op by op against one compiled step, the Per-Layer-Embedding table
-read on the host per token against resident, the compiled step through the engine as a program
-gets its tokens, and prompt chunks by size (with and without the per-layer evaluation and the
-cache clearing between chunks that keep a prompt's memory low).
+read on the host per token against resident, the compiled step on a thread of its own and through
+the engine as a program gets its tokens, and prompt chunks by size: through the engine (with and
+without the per-layer evaluation and the cache clearing between chunks that keep a prompt's memory
+low) and by the model's own calls on this thread and on another.
 
     python benchmarks/random_checkpoint.py --size E2B --out /tmp/gemma3n-E2B-random
     python benchmarks/step_profile.py --model DIR   # an mlx-vlm or our 4-bit conversion of it
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -58,6 +60,15 @@ def decode(model, prompt: list[int], tokens: int, compiled: bool) -> dict:
                 pipelined_ms=1e3 * pipelined, tokens=out)
 
 
+def on_new_thread(fn, *args):
+    """`fn(*args)` run on a thread of its own (as the engine runs a request), its result returned."""
+    out = []
+    worker = threading.Thread(target=lambda: out.append(fn(*args)))
+    worker.start()
+    worker.join()
+    return out[0]
+
+
 def through_engine(model, tokenizer, prompt: list[int], tokens: int) -> float:
     """Tokens/s after the first as a program gets them: `stream_tokens`, the engine's thread
     running the compiled step and handing each token to this one (the second of two replies)."""
@@ -73,6 +84,29 @@ def through_engine(model, tokenizer, prompt: list[int], tokens: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+def direct_prompt_seconds(model, prompt: list[int], step: int, runs: int = 3) -> tuple[float, float]:
+    """As `prompt_seconds`, the prompt's chunks and last token run on this thread by the model's
+    own calls, without the engine and the generation loop."""
+    from mlx_gemma3n.cache import reserve
+
+    ids, times = mx.array([prompt]), []
+    for _ in range(runs + 1):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        cache = model.make_cache()
+        reserve(cache, len(prompt) + 1)
+        done = 0
+        while len(prompt) - done > 1:
+            n = min(step, len(prompt) - done - 1)
+            model(ids[:, done : done + n], cache=cache, fill_cache_only=True)
+            mx.eval([c.state for c in cache])
+            done += n
+        mx.eval(mx.argmax(model(ids[:, done:], cache=cache)[:, -1], axis=-1))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]), mx.get_peak_memory() / 1e9
+
+
 def prompt_seconds(model, tokenizer, prompt: list[int], step: int, runs: int = 3) -> tuple[float, float]:
     """Median time to the first token and peak MLX memory (GB) of `prompt` at `step` tokens a chunk."""
     from mlx_gemma3n.runtime.generation import SamplingOptions, stream_tokens
@@ -84,8 +118,7 @@ def prompt_seconds(model, tokenizer, prompt: list[int], step: int, runs: int = 3
         start = time.perf_counter()
         for _ in stream_tokens(model, tokenizer, prompt, max_tokens=1, sampling=SamplingOptions(temperature=0.0),
                                prefill_step_size=step):
-            pass
-        times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)  # not the token's own keys and values, written after it
     return statistics.median(times[1:]), mx.get_peak_memory() / 1e9
 
 
@@ -123,6 +156,10 @@ def main(argv=None) -> int:
             print(f"{'on disk' if lazy else 'resident':<10} {'compiled' if compiled else 'op by op':<9} "
                   f"{r['build_ms']:>9.2f} {r['eval_ms']:>8.2f} {1e3 / (r['build_ms'] + r['eval_ms']):>11.1f} "
                   f"{1e3 / r['pipelined_ms']:>16.1f}", flush=True)
+        on_thread = [on_new_thread(decode, model, prompt, args.tokens, True) for _ in range(2)][-1]
+        print(f"{'':<10} {'thread':<9} {on_thread['build_ms']:>9.2f} {on_thread['eval_ms']:>8.2f} "
+              f"{1e3 / (on_thread['build_ms'] + on_thread['eval_ms']):>11.1f} {1e3 / on_thread['pipelined_ms']:>16.1f}"
+              "   (compiled, on a thread of its own)", flush=True)
         engine = through_engine(model, tokenizer, prompt, args.tokens)
         print(f"{'':<10} {'engine':<9} {'':>9} {'':>8} {engine:>11.1f} {'':>16}   (compiled, through stream_tokens)",
               flush=True)
@@ -141,6 +178,11 @@ def main(argv=None) -> int:
                 for step in map(int, args.steps.split(",")):
                     if step > n:
                         continue
+                    for label, run in (("direct, this thread", direct_prompt_seconds),
+                                       ("direct, its own thread", lambda *a: on_new_thread(direct_prompt_seconds, *a))):
+                        seconds, peak = run(model, ids, step)
+                        print(f"{n:>7} {step:>5} {label:<28} {seconds:>8.3f} {n / seconds:>8.0f} {peak:>8.2f}",
+                              flush=True)
                     for variant in ("as shipped", "no per-layer eval", "no cache clearing", "neither"):
                         text_module.mx = _WithoutLayerEvaluation() if variant in ("no per-layer eval", "neither") else mx
                         mx.clear_cache = (lambda: None) if variant in ("no cache clearing", "neither") else clear_cache
