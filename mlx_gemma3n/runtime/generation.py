@@ -172,14 +172,16 @@ def _steps(model, prompt_tokens, cache, sampling: SamplingOptions, max_tokens, p
             yield Progress("prompt", done, total)
         rest = None if input_embeddings is None else input_embeddings[done:]
         token = choose(forward(prompt[done:], rest)[:, -1, :])
-        mx.eval(token)
-        for _ in range(max_tokens):
-            # Also after the last token: its keys and values then wait in the cache for the next turn.
+        yield token.item()  # at once: building the next step would delay the first token, not the second
+        for n in range(max_tokens):
+            # The step that computes the next token writes this one's keys and values; after the
+            # last token too, so that they wait in the cache for the next turn.
             if processors:
                 seen = mx.concatenate([seen, token])
             following = choose(model.decode(token[None], cache, plan)[:, -1, :])
             mx.async_eval(following)
-            yield token.item()
+            if n:  # the caller takes this token while the device computes the next
+                yield token.item()
             token = following
     finally:
         # Whatever happens, nothing of this request is left half-computed in the cache: a later
