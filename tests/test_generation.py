@@ -60,6 +60,35 @@ def test_a_reply_ends_at_max_tokens_with_its_reason(loaded):
     assert "".join(r.text for r in responses) == tokenizer.decode([r.token for r in responses])
 
 
+class _CountingDecodes:
+    """A model whose decode steps are counted."""
+
+    def __init__(self, model):
+        self.model, self.decodes = model, 0
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        self.decodes += 1
+        return self.model.decode(*args, **kwargs)
+
+
+def test_the_first_token_comes_before_the_next_step_is_built_and_the_last_one_is_cached(loaded):
+    from mlx_gemma3n.runtime.generation import _steps
+
+    model, tokenizer = loaded
+    prompt, counted, cache = tokenizer.encode("hello world"), _CountingDecodes(model), model.make_cache()
+    steps = _steps(counted, prompt, cache, SamplingOptions(temperature=0.0), 4, None, None, None)
+    first = next(item for item in steps if isinstance(item, int))
+    assert counted.decodes == 0  # the first token's latency is the prompt's alone
+    tokens = [first, *steps]
+    assert counted.decodes == 4  # one step per token, the last one's writing its keys and values
+    assert cache[0].offset == len(prompt) + 4
+    plain = stream_tokens(model, tokenizer, prompt, max_tokens=4, sampling=SamplingOptions(temperature=0.0))
+    assert tokens == [r.token for r in plain]
+
+
 @pytest.mark.parametrize("prompt, max_tokens, message", [([], 5, "prompt is empty"), ([5, 6], 0, "at least 1")])
 def test_an_empty_prompt_or_no_tokens_to_generate_is_a_clear_error(loaded, prompt, max_tokens, message):
     model, tokenizer = loaded
