@@ -382,13 +382,17 @@ def attend_one_query(queries: mx.array, keys: mx.array, values: mx.array, scale:
     """One query per head over float keys and values with an additive `mask`: the scaled scores
     and the mask in one GEMM (`addmm`), the softmax, the weighted sum. Three kernels, where MLX's
     general attention graph takes five."""
-    B, H, L, D = queries.shape
-    kv_heads = keys.shape[1]
-    # Each key/value head serves H / kv_heads consecutive query heads: they become its rows.
-    grouped = queries.reshape(B, kv_heads, H // kv_heads * L, D)
+    grouped = rows_per_kv_head(queries, keys.shape[1])
     scores = mx.addmm(mask, grouped, keys.swapaxes(-1, -2), alpha=scale)
     weights = mx.softmax(scores, axis=-1, precise=True)
-    return (weights @ values).reshape(B, H, L, D)
+    return (weights @ values).reshape(queries.shape)
+
+
+def rows_per_kv_head(queries: mx.array, kv_heads: int) -> mx.array:
+    """(B, H, L, D) queries as (B, kv_heads, H / kv_heads * L, D): each key/value head serves
+    H / kv_heads consecutive query heads, which become its rows."""
+    B, H, L, D = queries.shape
+    return queries.reshape(B, kv_heads, H // kv_heads * L, D)
 
 
 def _compute_dtype(x: mx.array):
@@ -412,8 +416,7 @@ def attend_in_key_blocks(queries: mx.array, keys, values, scale: float, mask) ->
     B, H, L, D = queries.shape
     _, kv_heads, positions, _ = keys.shape
     group = H // kv_heads
-    # Each key/value head serves `group` consecutive query heads: they become its rows.
-    rows = (queries.astype(mx.float32) * scale).reshape(B, kv_heads, group * L, D)
+    rows = rows_per_kv_head(queries.astype(mx.float32) * scale, kv_heads)
     if isinstance(mask, str):  # causal, aligned to the last key
         mask = mx.arange(positions)[None] <= mx.arange(positions - L, positions)[:, None]
     # Hidden keys score a finite minimum, not -inf: a row with no visible key in a block then
@@ -450,9 +453,7 @@ def attend_quantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, 
     """One query per head through MLX's quantized kernel, softmax in float32; `mask`, a (1, keys)
     row, hides the keys where it is False or -inf (slots of a buffer not yet written)."""
     B, H, L, D = queries.shape
-    kv_heads = keys.shape[1]
-    # Each key/value head serves H / kv_heads consecutive query heads: they become its rows.
-    grouped = queries.astype(_compute_dtype(queries)).reshape(B, kv_heads, H // kv_heads * L, D)
+    grouped = rows_per_kv_head(queries.astype(_compute_dtype(queries)), keys.shape[1])
     scores = keys.matmul(grouped, transpose=True).astype(mx.float32)
     if scale != 1.0:
         scores = scores * scale
