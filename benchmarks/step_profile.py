@@ -85,8 +85,8 @@ def through_engine(model, tokenizer, prompt: list[int], tokens: int) -> float:
 
 
 def direct_prompt_seconds(model, prompt: list[int], step: int, runs: int = 3) -> tuple[float, float]:
-    """As `prompt_seconds`, the prompt's chunks and last token run on this thread by the model's
-    own calls, without the engine and the generation loop."""
+    """As `prompt_seconds`, the prompt's chunks run on this thread by the model's own calls,
+    without the engine and the generation loop."""
     from mlx_gemma3n.cache import reserve
 
     ids, times = mx.array([prompt]), []
@@ -97,12 +97,11 @@ def direct_prompt_seconds(model, prompt: list[int], step: int, runs: int = 3) ->
         cache = model.make_cache()
         reserve(cache, len(prompt) + 1)
         done = 0
-        while len(prompt) - done > 1:
-            n = min(step, len(prompt) - done - 1)
-            model(ids[:, done : done + n], cache=cache, fill_cache_only=True)
+        while len(prompt) - done > step:
+            model(ids[:, done : done + step], cache=cache, outputs="none")
             mx.eval([c.state for c in cache])
-            done += n
-        mx.eval(mx.argmax(model(ids[:, done:], cache=cache)[:, -1], axis=-1))
+            done += step
+        mx.eval(mx.argmax(model(ids[:, done:], cache=cache, outputs="last")[:, -1], axis=-1))
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:]), mx.get_peak_memory() / 1e9
 

@@ -39,6 +39,12 @@ def attention_mask(n: int, past: int = 0, window: int | None = None):
     return (key <= query) & (key > query - window)
 
 
+def last_query(mask):
+    """Of an `attention_mask`, what its last query sees: it comes after every key, so causality
+    alone hides nothing from it."""
+    return mask[..., -1:, :] if isinstance(mask, mx.array) else None
+
+
 def _fresh(old: mx.array | None, like: mx.array, capacity: int, start: int, stop: int) -> mx.array:
     """A buffer of `capacity` positions shaped like `like`, beginning with positions [start, stop) of `old`."""
     B, H, _, D = like.shape

@@ -65,6 +65,22 @@ def test_chunked_prefill_then_decode_equals_full_forward(ours, ids, reference_lo
     assert diff <= TOL, f"worst |Δlogit| with uneven chunks: {diff:.2e}"
 
 
+def test_chunks_that_give_only_their_last_logits_equal_the_full_computation(ours, ids, reference_logits):
+    """With `outputs="last"` the KV-shared layers run for a chunk's last position alone (at its
+    own position, over what it may see of the keys and values); the layers below still fill the
+    cache for every position, as the full computation does."""
+    last, full = ours.make_cache(), ours.make_cache()
+    for start, stop in ((0, 5), (5, 19), (19, 20), (20, 33), (33, 40)):  # chunks below, at and over the window
+        chunk = mx.array(ids[:, start:stop])
+        logits = np.array(ours(chunk, cache=last, outputs="last"))
+        assert logits.shape[1] == 1
+        diff = worst(logits[:, 0], reference_logits[:, stop - 1])
+        assert diff <= TOL, f"chunk {start}-{stop}: worst |Δlogit| {diff:.2e}"
+        mx.eval(ours(chunk, cache=full))
+        for a, b in zip(last, full):
+            assert a.offset == b.offset and all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state))
+
+
 def test_decoding_past_many_cache_buffers_equals_reference(tiny, ours):
     """Long enough for the sliding caches to move their window to a new buffer several times,
     in single tokens and in chunks shorter and longer than the window and the buffer step."""
@@ -218,7 +234,7 @@ def test_a_prompt_chunk_that_only_fills_the_cache_leaves_the_cache_of_the_full_c
     chunk, rest = mx.array(ids[:, :20]), mx.array(ids[:, 20:24])
     full, short = ours.make_cache(), ours.make_cache()
     mx.eval(ours(chunk, cache=full))
-    assert ours(chunk, cache=short, fill_cache_only=True) is None
+    assert ours(chunk, cache=short, outputs="none") is None
     for a, b in zip(full, short):
         assert a.offset == b.offset and all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state))
     diff = worst(ours(rest, cache=full), ours(rest, cache=short))

@@ -43,17 +43,18 @@ class Gemma3n(nn.Module):
         cache=None,
         input_embeddings: mx.array | None = None,
         plan: Plan | None = None,
-        fill_cache_only: bool = False,
+        outputs: str = "all",
         submodel=None,
     ) -> mx.array | None:
         """Logits for token ids `inputs` (B, L), run through `plan`, or the plan of `submodel` (a
         MatFormer `Submodel` or a preset's name, run from these weights: nothing is copied), or the
-        full model. None with `fill_cache_only` (see `TextModel`). `input_embeddings` (from
-        `embed`) replace the looked-up embeddings; the ids still supply the per-layer inputs."""
+        full model: of every position, of the last alone (`outputs="last"`, (B, 1, vocabulary)),
+        or none ("none": the cache filled, None returned; see `TextModel`). `input_embeddings`
+        (from `embed`) replace the looked-up embeddings; the ids still supply the per-layer inputs."""
         plan = plan or plan_for(self.config.text, submodel)
         if input_embeddings is None:
             input_embeddings = self.embed(inputs)
-        hidden = self.language_model(inputs, cache, input_embeddings, plan=plan, fill_cache_only=fill_cache_only)
+        hidden = self.language_model(inputs, cache, input_embeddings, plan=plan, outputs=outputs)
         return None if hidden is None else self.logits(hidden)
 
     def logits(self, hidden: mx.array) -> mx.array:

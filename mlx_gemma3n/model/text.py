@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
-from ..cache import SlidingWindowCache, attend, attention_mask, make_full_cache
+from ..cache import SlidingWindowCache, attend, attention_mask, last_query, make_full_cache
 from ..config import TextConfig
 from ..errors import InputError
 from ..plan import Plan
@@ -414,12 +414,16 @@ class TextModel(nn.Module):
         embeddings: mx.array | None = None,
         per_layer_inputs: mx.array | None = None,
         plan: Plan | None = None,
-        fill_cache_only: bool = False,
+        outputs: str = "all",
     ) -> mx.array | None:
-        """Final normed hidden states, or None with `fill_cache_only`: then only the layers that
-        fill the cache run (a prompt chunk whose logits are not needed). `embeddings` are scaled
-        like `embed_tokens(ids)`; when both are given, the ids still supply the per-layer inputs
-        (so multimodal embeddings keep the token-identity half)."""
+        """Final normed hidden states of every position (`outputs="all"`); of the last alone
+        ("last": the KV-shared layers above the last one with a cache run for it alone, the
+        others for every position, as their keys and values are needed); or none ("none": only
+        the layers that fill the cache run, for a prompt chunk whose logits nobody needs).
+        `embeddings` are scaled like `embed_tokens(ids)`; when both are given, the ids still
+        supply the per-layer inputs (so multimodal embeddings keep the token-identity half)."""
+        if outputs not in ("all", "last", "none"):
+            raise InputError(f'outputs is {outputs!r}; it must be "all", "last" or "none".')
         if embeddings is None:
             if ids is None:
                 raise InputError("Give token ids, embeddings, or both.")
@@ -436,13 +440,18 @@ class TextModel(nn.Module):
             attention_mask(n, window=self.config.sliding_window if kind == "sliding_attention" else None)
             for kind in set(plan.cache_kinds)
         }
-        steps = plan.steps[: plan.last_cache_step + 1] if fill_cache_only else plan.steps
+        steps = plan.steps[: plan.last_cache_step + 1] if outputs == "none" else plan.steps
 
         k = self.layers[0].kernels
         streams = k.spread(embeddings, self.project_streams(embeddings))
         offset = mx.array(offset, mx.int32)  # one array a step: the rotations take it without recompiling
         shared_kv = {}  # step -> its (keys, values), for the KV-shared steps above
         for position, step in enumerate(steps):
+            if outputs == "last" and n > 1 and position == plan.last_cache_step + 1:
+                # Above here no layer writes keys or values: only the last position goes on.
+                streams, per_layer_inputs = streams[:, -1:], per_layer_inputs[:, -1:]
+                masks = {kind: last_query(mask) for kind, mask in masks.items()}
+                offset = offset + (n - 1)
             layer_cache = cache[step.cache_slot] if cache is not None and step.cache_slot is not None else None
             streams, kv = self.layers[step.layer](
                 streams, per_layer_inputs[:, :, step.layer, :], masks[step.attention], offset, layer_cache,
@@ -456,8 +465,10 @@ class TextModel(nn.Module):
                 # tokens, H100: 0.2 GB instead of 0.5-0.7). The CPU back-end frees as it goes
                 # and gains nothing.
                 mx.eval(streams)
-        if fill_cache_only:
+        if outputs == "none":
             return None
+        if outputs == "last":
+            streams = streams[:, -1:]  # a plan without KV-shared layers ran every position to the end
 
         unembedded = [proj(streams[..., i + 1, :]) for i, proj in enumerate(self.altup_unembed_projections)]
         return k.merge(streams[..., 0, :], mx.stack(unembedded, axis=-2), self.norm.weight)

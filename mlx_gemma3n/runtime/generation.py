@@ -135,9 +135,10 @@ def _context_guard(model, n_prompt: int, n_cached: int, max_tokens: int) -> int:
 
 def _steps(model, prompt_tokens, cache, sampling: SamplingOptions, max_tokens, prefill_step_size, input_embeddings,
            plan: Plan | None) -> Iterator[Progress | int]:
-    """Progress of the prompt's chunks, then the reply's ids one at a time. All but the prompt's
-    last token go through the model `prefill_step_size` at a time, filling the cache; each next
-    token is computed (by the model's compiled decode step) while the caller handles the one before."""
+    """Progress of the prompt's chunks, then the reply's ids one at a time. The prompt goes through
+    the model `prefill_step_size` tokens at a time, filling the cache; the KV-shared upper layers
+    run only for its last token, whose logits give the first reply token. Each next token is
+    computed (by the model's compiled decode step) while the caller handles the one before."""
     prefill_step_size = prefill_step_size or default_prefill_step()
     prompt = mx.array(prompt_tokens)
     seen = prompt  # what the logits processors look back on
@@ -157,10 +158,10 @@ def _steps(model, prompt_tokens, cache, sampling: SamplingOptions, max_tokens, p
 
     reserve(cache, total + max_tokens)  # one allocation for the prompt and reply, not one per step
     try:
-        while total - done > 1:
-            n = min(prefill_step_size, total - done - 1)
+        while total - done > prefill_step_size:  # every chunk but the last only fills the cache
+            n = prefill_step_size
             chunk = None if input_embeddings is None else input_embeddings[done : done + n]
-            forward(prompt[done : done + n], chunk, fill_cache_only=True)
+            forward(prompt[done : done + n], chunk, outputs="none")
             mx.eval([c.state for c in cache])
             if mx.default_device() == mx.cpu:
                 # The chunk's temporaries go back to the system (MLX's cache and glibc's free heap
@@ -171,7 +172,7 @@ def _steps(model, prompt_tokens, cache, sampling: SamplingOptions, max_tokens, p
             done += n
             yield Progress("prompt", done, total)
         rest = None if input_embeddings is None else input_embeddings[done:]
-        token = choose(forward(prompt[done:], rest)[:, -1, :])
+        token = choose(forward(prompt[done:], rest, outputs="last")[:, -1, :])
         yield token.item()  # at once: building the next step would delay the first token, not the second
         for n in range(max_tokens):
             # The step that computes the next token writes this one's keys and values; after the
