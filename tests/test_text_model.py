@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from mlx_gemma3n.cache import SlidingWindowCache
 from mlx_gemma3n.loading import load_model
+from mlx_gemma3n.submodel import Submodel
 
 TOL = 1e-3
 
@@ -79,6 +80,15 @@ def test_chunks_that_give_only_their_last_logits_equal_the_full_computation(ours
         mx.eval(ours(chunk, cache=full))
         for a, b in zip(last, full):
             assert a.offset == b.offset and all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state))
+
+
+@pytest.mark.parametrize("skipped", [(), (5, 6, 7)])  # with and without the KV-shared layers (5-7)
+def test_the_last_position_alone_equals_the_last_of_all(ours, ids, skipped):
+    submodel = Submodel(skipped)
+    everything = ours(mx.array(ids[:, :30]), cache=ours.make_cache(submodel=submodel), submodel=submodel)
+    last = ours(mx.array(ids[:, :30]), cache=ours.make_cache(submodel=submodel), submodel=submodel, outputs="last")
+    assert last.shape[1] == 1
+    assert worst(last, everything[:, -1:]) <= 1e-5
 
 
 def test_decoding_past_many_cache_buffers_equals_reference(tiny, ours):
