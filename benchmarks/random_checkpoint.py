@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from checkpoints import write_tokenizer  # noqa: E402
+from checkpoints import write_processor_files, write_tokenizer  # noqa: E402
 
 SHARD_BYTES = 2 << 30
 PIECE_BYTES = 64 << 20  # of float32 values drawn at a time
@@ -153,6 +153,7 @@ def write_checkpoint(out: Path, size: str, seed: int = 0, progress=print) -> Pat
                 rope_local_base_freq=rope["sliding_attention"]["rope_theta"], query_pre_attn_scalar=text["head_dim"])
     (out / "config.json").write_text(json.dumps(config_dict, indent=1))
     write_tokenizer(out)
+    write_processor_files(out)  # mlx-vlm's converter reads them, as it would from a published checkpoint
     return out
 
 
