@@ -20,8 +20,11 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture
-def no_leftover_threads():
-    """After the test, no thread it started is still running (an engine thread idles out within a second)."""
+def no_leftover_threads(monkeypatch):
+    """After the test, no thread it started is still running (an engine thread idling out within a second)."""
+    from mlx_gemma3n.runtime import engine
+
+    monkeypatch.setattr(engine, "IDLE_SECONDS", 1.0)
     before = set(threading.enumerate())
 
     def started():

@@ -192,7 +192,8 @@ MODELS_FREED_AS_THE_ENGINE_IDLES_OUT = """
 import gc, time
 import mlx.core as mx
 from mlx_gemma3n import generate, load
-from mlx_gemma3n.runtime.engine import IDLE_SECONDS
+from mlx_gemma3n.runtime import engine
+engine.IDLE_SECONDS = IDLE_SECONDS = 1.0
 for i in range(12):
     model, tokenizer = load({path!r}, dtype=mx.float32)
     generate(model, tokenizer, "hello world", temperature=0.0, max_tokens=4)
@@ -228,6 +229,7 @@ def test_closing_an_engine_waits_for_a_thread_that_is_still_ending(monkeypatch):
         free_traces()
 
     monkeypatch.setattr(engine_module, "free_this_threads_traces", held_while_leaving)
+    monkeypatch.setattr(engine_module, "IDLE_SECONDS", 1.0)
     engine = Engine()
     assert engine.run(lambda: 42) == 42
     thread = engine._thread

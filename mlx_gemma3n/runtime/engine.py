@@ -33,7 +33,11 @@ from ..model.decode import free_this_threads_traces, own_traces_until_thread_end
 T = TypeVar("T")
 
 AHEAD = 1  # results a job may hold that its reader has not taken yet
-IDLE_SECONDS = 1.0  # an engine thread with nothing to do for this long ends (a new one starts on demand)
+# An engine thread with nothing to do for this long ends (a new one starts on demand). Its
+# compiled decode steps end with it (`model/decode.py`), so a reply on a new thread traces its
+# step again: E2B 4-bit, 2-core x86, ~90 ms against ~7 ms for a traced step. A minute spans the
+# pause between the turns of a chat; the traces it keeps meanwhile hold ~8 MB each (E2B).
+IDLE_SECONDS = 60.0
 
 _running = threading.local()  # the job whose step this thread is running, if any
 
