@@ -214,6 +214,20 @@ def test_a_model_freed_while_its_engine_thread_ends_does_not_hang_the_program(ti
     assert done.returncode == 0 and done.stdout.split()[-1] == "done", done.stderr[-2000:]
 
 
+def test_a_reply_after_a_pause_between_turns_runs_on_the_same_engine_thread():
+    """A compiled decode step lives as long as the thread that traced it: the next turn of a
+    chat, a few seconds later, must find the engine's thread (and its steps) still there."""
+    import time
+
+    engine = Engine()
+    try:
+        first = engine.run(threading.current_thread)
+        time.sleep(2.0)  # longer than the second an engine thread used to wait
+        assert engine.run(threading.current_thread) is first
+    finally:
+        engine.close()
+
+
 def test_closing_an_engine_waits_for_a_thread_that_is_still_ending(monkeypatch):
     """An idle engine thread no longer serves while it frees its MLX state; `close()` (which runs
     at interpreter exit) must wait for it too, or the process aborts as it exits (before: 6 of
