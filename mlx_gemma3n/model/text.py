@@ -93,12 +93,14 @@ def _stream_kernels(eps: float, streams: int, active: int, correct_scale: bool, 
     # the kernel around it. (Compiled functions slice only their inputs: a slice of an
     # intermediate would split a kernel.)
     @mx.compile
-    def coefficients(routed, w):
-        """tanh(routed) @ w.T for (B, L, n) router outputs and (k, n) w, rounded as the reference rounds."""
+    def coefficients(routed, *columns):
+        """tanh(routed) @ w.T for (B, L, n) router outputs and the n columns of a (k, n) w, rounded
+        as the reference rounds. The columns come as arrays of their own, made once (`AltUp.columns`):
+        slices of w here would be two more graph nodes each, built and evaluated at every token."""
         def modality(j):  # rounded to the streams' dtype, as the reference's
             return mx.tanh(routed[..., j : j + 1].astype(mx.float32)).astype(routed.dtype).astype(mx.float32)
 
-        return sum(modality(j) * w[:, j].astype(mx.float32) for j in range(streams)).astype(routed.dtype)
+        return sum(modality(j) * column.astype(mx.float32) for j, column in enumerate(columns)).astype(routed.dtype)
 
     @mx.compile
     def predict(coefs, streams_, input_norm_w):
@@ -288,6 +290,22 @@ class AltUp(nn.Module):
         self.prediction_coefs = nn.Linear(n, n * n, bias=False)
         self.modality_router = nn.Linear(dims, n, bias=False)
         self.router_norm = RMSNorm(dims, config.rms_norm_eps)
+        object.__setattr__(self, "_columns", None)  # set by `split_columns`
+
+    def columns(self, name: str) -> list[mx.array]:
+        """The columns of `prediction_coefs`' or `correction_coefs`' weight, one array each."""
+        if self._columns is not None:
+            return self._columns[name]
+        weight = self[name].weight
+        return [weight[:, j] for j in range(weight.shape[1])]
+
+    def split_columns(self) -> None:
+        """The coefficient weights' columns made once, as arrays of their own (a few kB a layer)."""
+        object.__setattr__(self, "_columns", None)
+        columns = {name: [mx.contiguous(c) for c in self.columns(name)]
+                   for name in ("prediction_coefs", "correction_coefs")}
+        mx.eval(columns)
+        object.__setattr__(self, "_columns", columns)
 
 
 class DecoderLayer(nn.Module):
@@ -342,7 +360,7 @@ class DecoderLayer(nn.Module):
         """streams (B, L, n, D) -> the same after this layer, and the keys and values it attended over."""
         k, altup = self.kernels, self.altup
         routed = altup.modality_router(k.router_input(streams[..., self.active, :], self.router_norm_weight()))
-        coefs = k.coefficients(routed, altup.prediction_coefs.weight)
+        coefs = k.coefficients(routed, *altup.columns("prediction_coefs"))
         predictions, active, x = k.predict(coefs, streams, self.input_layernorm.weight)
 
         *attention_inputs, laurel = self.project_input(x)
@@ -355,7 +373,7 @@ class DecoderLayer(nn.Module):
             h, self.mlp(ffn_input, ffn_width), self.post_feedforward_layernorm.weight, self.router_norm_weight()
         )
 
-        coefs = k.coefficients(altup.modality_router(router_input), altup.correction_coefs.weight)
+        coefs = k.coefficients(altup.modality_router(router_input), *altup.columns("correction_coefs"))
         corrected, first = k.correct(coefs, predictions, h, altup.correct_output_scale)
         gated = k.gate_per_layer_input(self.per_layer_input_gate(first), per_layer_input)
         return k.add_per_layer_input(corrected, self.per_layer_projection(gated), self.post_per_layer_input_norm.weight), kv
@@ -502,7 +520,8 @@ def fuse_for_inference(model: nn.Module, after_each_layer: Callable[[], None] = 
     """Merge the products that read the same input into one matrix each, after the weights have
     loaded (the checkpoint's names stay): per layer, queries, keys, values and Laurel's left side
     of the normed active stream, and the feed-forward's gate and up projections; the three AltUp
-    projections of the embeddings; and each router's input scale is folded into its norm's weight.
+    projections of the embeddings; each router's input scale is folded into its norm's weight,
+    and the AltUp coefficient weights are split into columns.
     The original layers keep views of the merged weights (no second copy), so the plain path still
     runs. `after_each_layer` may hand back the memory the merge replaced before the next layer's is made."""
     text = getattr(model, "language_model", model)
@@ -510,6 +529,7 @@ def fuse_for_inference(model: nn.Module, after_each_layer: Callable[[], None] = 
         object.__setattr__(layer, "_input_products", SharedInputProducts(layer.input_projections()))
         object.__setattr__(layer.mlp, "_gate_up", SharedInputProducts([layer.mlp.gate_proj, layer.mlp.up_proj]))
         layer.fold_router_scale()
+        layer.altup.split_columns()
         after_each_layer()
     streams = SharedInputProducts(text.altup_projections)
     object.__setattr__(text, "_stream_products", streams)
