@@ -294,18 +294,18 @@ class AltUp(nn.Module):
 
     def columns(self, name: str) -> list[mx.array]:
         """The columns of `prediction_coefs`' or `correction_coefs`' weight, one array each."""
-        if self._columns is not None:
-            return self._columns[name]
-        weight = self[name].weight
-        return [weight[:, j] for j in range(weight.shape[1])]
+        return self._sliced_columns(name) if self._columns is None else self._columns[name]
 
     def split_columns(self) -> None:
         """The coefficient weights' columns made once, as arrays of their own (a few kB a layer)."""
-        object.__setattr__(self, "_columns", None)
-        columns = {name: [mx.contiguous(c) for c in self.columns(name)]
+        columns = {name: [mx.contiguous(c) for c in self._sliced_columns(name)]
                    for name in ("prediction_coefs", "correction_coefs")}
         mx.eval(columns)
         object.__setattr__(self, "_columns", columns)
+
+    def _sliced_columns(self, name: str) -> list[mx.array]:
+        weight = self[name].weight
+        return [weight[:, j] for j in range(weight.shape[1])]
 
 
 class DecoderLayer(nn.Module):
